@@ -1,0 +1,271 @@
+//! An item as an Automerge document: metadata written once at creation, one LWW register per
+//! field, a deleted register, and reads that resolve registers by the tracker's policy.
+//!
+//! Layout of the root map (keys are short because every change carries them):
+//! `t` tracker id, `o` origin node, `d` display id (plain strings, written once by the origin);
+//! `c` creation stamp, `x` deleted flag, `f.<field>` field values (register cells).
+//!
+//! This module is pure: no storage, no clock. The caller stamps writes.
+
+use std::collections::BTreeMap;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, AutoCommit, ReadDoc, ROOT};
+use serde_json::Value as Json;
+use uuid::Uuid;
+
+use crate::hlc::{Hlc, NodeId};
+use crate::model::ConflictPolicy;
+use crate::register::{self, Cell};
+
+const KEY_TRACKER: &str = "t";
+const KEY_ORIGIN: &str = "o";
+const KEY_DISPLAY: &str = "d";
+const KEY_CREATED: &str = "c";
+const KEY_DELETED: &str = "x";
+const FIELD_PREFIX: &str = "f.";
+
+/// What a reader sees of an item.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ItemView {
+    pub id: Uuid,
+    pub display_id: String,
+    pub tracker: Uuid,
+    pub fields: BTreeMap<String, Json>,
+    pub deleted: bool,
+    pub created: Hlc,
+    pub updated: Hlc,
+    pub origin: NodeId,
+}
+
+/// A field with concurrent values: the winner and what it beat.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldConflict {
+    pub field: String,
+    pub winner: Cell,
+    pub losers: Vec<Cell>,
+}
+
+/// One change of an item's history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEntry {
+    pub hlc: Hlc,
+    pub fields: BTreeMap<String, Option<Json>>,
+    /// Set when the change deleted (`true`) or restored (`false`) the item.
+    pub deleted: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ItemError {
+    #[error("document is not an item: {0}")]
+    NotAnItem(&'static str),
+    #[error(transparent)]
+    Automerge(#[from] automerge::AutomergeError),
+}
+
+/// The Automerge actor of a node: the node UUID. One actor per node is safe because only the
+/// store's single cached copy of a document is ever written (see ARCHITECTURE.md).
+pub fn actor_for(node: NodeId) -> ActorId {
+    ActorId::from(node.as_bytes().as_slice())
+}
+
+/// A borrowed view of a document with its operations.
+pub struct ItemDoc<'a> {
+    doc: &'a mut AutoCommit,
+}
+
+impl<'a> ItemDoc<'a> {
+    /// A new item. `fields` are already validated; `None` values are skipped.
+    pub fn create(
+        node: NodeId,
+        tracker: Uuid,
+        display_id: &str,
+        hlc: Hlc,
+        fields: &[(String, Option<Json>)],
+    ) -> Result<AutoCommit, ItemError> {
+        let mut doc = AutoCommit::new().with_actor(actor_for(node));
+        doc.put(ROOT, KEY_TRACKER, tracker.to_string())?;
+        doc.put(ROOT, KEY_ORIGIN, node.to_string())?;
+        doc.put(ROOT, KEY_DISPLAY, display_id)?;
+        doc.put(ROOT, KEY_CREATED, register::encode(hlc, None))?;
+        for (name, value) in fields.iter().filter(|(_, v)| v.is_some()) {
+            doc.put(ROOT, field_key(name), register::encode(hlc, value.as_ref()))?;
+        }
+        doc.commit_with(commit_options(hlc));
+        Ok(doc)
+    }
+
+    pub fn new(doc: &'a mut AutoCommit) -> Self {
+        ItemDoc { doc }
+    }
+
+    /// Set (or with `None` clear) the named fields, as one change stamped `hlc`.
+    pub fn set_fields(
+        &mut self,
+        hlc: Hlc,
+        fields: &[(String, Option<Json>)],
+    ) -> Result<(), ItemError> {
+        for (name, value) in fields {
+            self.doc
+                .put(ROOT, field_key(name), register::encode(hlc, value.as_ref()))?;
+        }
+        self.doc.commit_with(commit_options(hlc));
+        Ok(())
+    }
+
+    /// Tombstone (`true`) or restore (`false`) the item, as one change stamped `hlc`.
+    pub fn set_deleted(&mut self, hlc: Hlc, deleted: bool) -> Result<(), ItemError> {
+        self.doc.put(
+            ROOT,
+            KEY_DELETED,
+            register::encode(hlc, Some(&Json::Bool(deleted))),
+        )?;
+        self.doc.commit_with(commit_options(hlc));
+        Ok(())
+    }
+
+    /// Highest stamp in the document: the floor for the next local write.
+    pub fn max_hlc(&self) -> Option<Hlc> {
+        register::max_hlc(&*self.doc)
+    }
+
+    pub fn tracker(&self) -> Result<Uuid, ItemError> {
+        self.str_key(KEY_TRACKER)
+            .and_then(|s| s.parse().ok())
+            .ok_or(ItemError::NotAnItem("no tracker id"))
+    }
+
+    pub fn origin(&self) -> Result<NodeId, ItemError> {
+        self.str_key(KEY_ORIGIN)
+            .and_then(|s| s.parse().ok())
+            .ok_or(ItemError::NotAnItem("no origin node"))
+    }
+
+    fn str_key(&self, key: &str) -> Option<String> {
+        match self.doc.get(ROOT, key).ok()?? {
+            (automerge::Value::Scalar(s), _) => match s.as_ref() {
+                automerge::ScalarValue::Str(x) => Some(x.to_string()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        self.doc
+            .keys(ROOT)
+            .filter_map(|k| k.strip_prefix(FIELD_PREFIX).map(str::to_string))
+            .collect()
+    }
+
+    /// The item as readers see it, resolving every register by `policy`.
+    pub fn view(&self, id: Uuid, policy: ConflictPolicy) -> Result<ItemView, ItemError> {
+        let origin = self.origin()?;
+        let tracker = self.tracker()?;
+        let display_id = self.str_key(KEY_DISPLAY).unwrap_or_default();
+        let created = register::winner(&*self.doc, KEY_CREATED, policy, origin)
+            .map(|c| c.hlc)
+            .ok_or(ItemError::NotAnItem("no creation stamp"))?;
+        let mut fields = BTreeMap::new();
+        let mut latest_edit = created;
+        for name in self.field_names() {
+            if let Some(cell) = register::winner(&*self.doc, &field_key(&name), policy, origin) {
+                latest_edit = latest_edit.max(cell.hlc);
+                if let Some(v) = cell.value {
+                    fields.insert(name, v);
+                }
+            }
+        }
+        let mut updated = latest_edit;
+        let mut deleted = false;
+        if let Some(cell) = register::winner(&*self.doc, KEY_DELETED, policy, origin) {
+            updated = updated.max(cell.hlc);
+            // A delete holds until a later write: an edit or a restore stamped after it undeletes.
+            deleted = cell.value == Some(Json::Bool(true)) && cell.hlc > latest_edit;
+        }
+        Ok(ItemView {
+            id,
+            display_id,
+            tracker,
+            fields,
+            deleted,
+            created,
+            updated,
+            origin,
+        })
+    }
+
+    /// Fields that currently hold concurrent values (deleted flag included, as field `_deleted`).
+    pub fn conflicts(&self, policy: ConflictPolicy) -> Result<Vec<FieldConflict>, ItemError> {
+        let origin = self.origin()?;
+        let mut out = Vec::new();
+        let keys = self
+            .field_names()
+            .into_iter()
+            .map(|n| (field_key(&n), n))
+            .chain(std::iter::once((
+                KEY_DELETED.to_string(),
+                "_deleted".to_string(),
+            )));
+        for (key, field) in keys {
+            let mut all = register::cells(&*self.doc, &key);
+            if all.len() < 2 {
+                continue;
+            }
+            register::rank(&mut all, policy, origin);
+            let winner = all.remove(0);
+            out.push(FieldConflict {
+                field,
+                winner,
+                losers: all,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every change, oldest first by stamp.
+    pub fn history(&mut self) -> Vec<HistoryEntry> {
+        let mut out = Vec::new();
+        for change in self.doc.get_changes(&[]) {
+            let expanded = change.decode();
+            let mut entry: Option<HistoryEntry> = None;
+            for op in expanded.operations {
+                let automerge::legacy::Key::Map(key) = &op.key else {
+                    continue;
+                };
+                let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(b)) = &op.action
+                else {
+                    continue;
+                };
+                let Some(cell) = register::decode(b) else {
+                    continue;
+                };
+                let e = entry.get_or_insert_with(|| HistoryEntry {
+                    hlc: cell.hlc,
+                    fields: BTreeMap::new(),
+                    deleted: None,
+                });
+                if let Some(name) = key.strip_prefix(FIELD_PREFIX) {
+                    e.fields.insert(name.to_string(), cell.value);
+                } else if key.as_str() == KEY_DELETED {
+                    e.deleted = cell.value.as_ref().and_then(Json::as_bool);
+                }
+            }
+            out.extend(entry);
+        }
+        out.sort_by_key(|e| e.hlc);
+        out
+    }
+}
+
+fn field_key(name: &str) -> String {
+    format!("{FIELD_PREFIX}{name}")
+}
+
+fn commit_options(hlc: Hlc) -> CommitOptions {
+    // The change time is advisory in Automerge; we record wall-clock seconds for tools that show it.
+    CommitOptions::default().with_time((hlc.wall_ms / 1000) as i64)
+}
+
+#[cfg(test)]
+mod tests;

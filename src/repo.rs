@@ -1,0 +1,673 @@
+//! The node's trackers and items: the one owner of their Automerge documents.
+//!
+//! Documents live in sled (via [`Store`]) and a bounded cache of decoded documents. Each cached
+//! document sits behind its own mutex, and only that single copy is ever written, so one actor
+//! id per node never produces two concurrent changes with the same sequence number. An entry is
+//! evicted only when no caller holds it.
+//!
+//! Write path: lock the document, validate, stamp (HLC above everything visible), change, encode
+//! the increment, commit it to the store with indexes and counters in one batch, unlock, then
+//! wait for durability (group commit) before returning. If the store refuses the batch the
+//! cached copy is dropped so memory never runs ahead of disk.
+//!
+//! All methods block (Automerge and sled are synchronous); async callers use `spawn_blocking`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use automerge::AutoCommit;
+use lru::LruCache;
+use serde_json::{Map, Value as Json};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::hlc::{Clock, Hlc, HlcState, NodeId};
+use crate::item::{actor_for, FieldConflict, HistoryEntry, ItemDoc, ItemError, ItemView};
+use crate::model::{validate_name, validate_value, ConflictPolicy, FieldDef, Tracker, ValueError};
+use crate::register::Cell;
+use crate::schema::TrackerDoc;
+use crate::store::{DocData, DocKind, DocMeta, DocWrite, Store, StoreError, Ticket};
+
+/// Decoded documents kept in memory (~17 KiB each for small items, see notes/crates.md 1.8).
+pub const DOC_CACHE_ENTRIES: usize = 4096;
+/// Incremental chunks after which a document is compacted into a new snapshot.
+pub const COMPACT_AFTER_CHUNKS: u32 = 32;
+/// Buffered change events per subscriber; a slower subscriber skips ahead (and is told so).
+pub const EVENT_BUFFER: usize = 4096;
+/// Largest page of items one list call returns.
+pub const MAX_PAGE: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("no tracker {0:?}; list trackers with `trackersync tracker list`")]
+    TrackerNotFound(String),
+    #[error("no item {0:?}")]
+    ItemNotFound(String),
+    #[error("a tracker named {0:?} already exists")]
+    DuplicateTracker(String),
+    #[error("tracker {tracker:?} already has a field {field:?}")]
+    DuplicateField { tracker: String, field: String },
+    #[error(transparent)]
+    Invalid(#[from] ValueError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no conflicting value of field {field:?} stamped {hlc}; see the item's conflicts")]
+    NoSuchLoser { field: String, hlc: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("document error: {0}")]
+    Doc(#[from] ItemError),
+}
+
+impl From<automerge::AutomergeError> for RepoError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        RepoError::Doc(ItemError::Automerge(e))
+    }
+}
+
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;
+
+/// Where a change came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Local,
+    Remote,
+}
+
+/// One item change, as streamed to subscribers once durable.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ItemEvent {
+    pub item: Uuid,
+    pub tracker: Uuid,
+    pub source: Source,
+}
+
+struct Loaded {
+    doc: AutoCommit,
+    /// `None` until the document is first committed.
+    meta: Option<DocMeta>,
+}
+
+type Slot = Arc<Mutex<Option<Loaded>>>;
+
+pub struct Repo {
+    node: NodeId,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    hlc: Mutex<HlcState>,
+    docs: Mutex<LruCache<Uuid, Slot>>,
+    trackers: RwLock<HashMap<Uuid, Tracker>>,
+    /// Serializes tracker creation so names stay unique on this node.
+    tracker_names: Mutex<()>,
+    events: broadcast::Sender<ItemEvent>,
+}
+
+impl Repo {
+    pub fn open(
+        path: &Path,
+        node: NodeId,
+        clock: Arc<dyn Clock>,
+        max_drift_ms: u64,
+    ) -> Result<Repo> {
+        let store = Store::open(path)?;
+        let mut hlc = HlcState::new(node, max_drift_ms);
+        hlc.witness(store.hlc_high_water());
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let repo = Repo {
+            node,
+            store,
+            clock,
+            hlc: Mutex::new(hlc),
+            docs: Mutex::new(LruCache::unbounded()),
+            trackers: RwLock::new(HashMap::new()),
+            tracker_names: Mutex::new(()),
+            events,
+        };
+        for id in repo.store.tracker_ids()? {
+            repo.refresh_tracker(id)?;
+        }
+        Ok(repo)
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ItemEvent> {
+        self.events.subscribe()
+    }
+
+    /// The last stamp issued or observed.
+    pub fn clock_last(&self) -> Hlc {
+        self.hlc.lock().expect("hlc lock").last()
+    }
+
+    fn stamp(&self, floor: Option<Hlc>) -> Hlc {
+        let now = self.clock.now_ms();
+        let mut h = self.hlc.lock().expect("hlc lock");
+        if let Some(f) = floor {
+            h.witness(f);
+        }
+        h.tick(now)
+    }
+
+    // ---- document cache -------------------------------------------------------------------
+
+    fn slot(&self, id: Uuid) -> Slot {
+        let mut cache = self.docs.lock().expect("cache lock");
+        if let Some(s) = cache.get(&id) {
+            return s.clone();
+        }
+        let s: Slot = Arc::new(Mutex::new(None));
+        cache.put(id, s.clone());
+        // Evict least recently used entries nobody holds; held ones are promoted and skipped.
+        let mut budget = cache.len();
+        while cache.len() > DOC_CACHE_ENTRIES && budget > 0 {
+            budget -= 1;
+            let Some((k, v)) = cache.peek_lru() else {
+                break;
+            };
+            let k = *k;
+            if Arc::strong_count(v) == 1 {
+                cache.pop_lru();
+            } else {
+                cache.promote(&k);
+            }
+        }
+        s
+    }
+
+    /// Decode a document from the store into `slot` if it is not there yet.
+    fn ensure_loaded<'a>(
+        &self,
+        id: Uuid,
+        slot: &'a mut Option<Loaded>,
+    ) -> Result<Option<&'a mut Loaded>> {
+        if slot.is_none() {
+            let Some(bytes) = self.store.load_doc(id)? else {
+                return Ok(None);
+            };
+            let mut doc = AutoCommit::load(&bytes.snapshot)?;
+            for (n, chunk) in bytes.chunks.iter().enumerate() {
+                // A chunk that does not decode was never acknowledged (acks follow a flush of the
+                // whole batch); keep the good prefix rather than losing the document.
+                if let Err(e) = doc.load_incremental(chunk) {
+                    tracing::warn!(item = %id, chunk = n, error = %e, "ignoring undecodable chunk");
+                    break;
+                }
+            }
+            doc.set_actor(actor_for(self.node));
+            let mut meta = bytes.meta;
+            meta.heads = heads_of(&mut doc);
+            *slot = Some(Loaded {
+                doc,
+                meta: Some(meta),
+            });
+        }
+        Ok(slot.as_mut())
+    }
+
+    /// Commit the document's latest change to the store. On failure the cached copy is dropped.
+    fn persist(
+        &self,
+        id: Uuid,
+        slot: &mut Option<Loaded>,
+        kind: DocKind,
+        tracker: Uuid,
+        deleted: bool,
+        display_id: Option<String>,
+        tracker_name: Option<String>,
+    ) -> Result<Ticket> {
+        let loaded = slot
+            .as_mut()
+            .expect("persist is called on a loaded document");
+        let data = match &loaded.meta {
+            Some(m) if m.chunks < COMPACT_AFTER_CHUNKS => {
+                DocData::Chunk(loaded.doc.save_after(&hashes(&m.heads)))
+            }
+            _ => DocData::Snapshot(loaded.doc.save()),
+        };
+        let heads = heads_of(&mut loaded.doc);
+        let write = DocWrite {
+            id,
+            kind,
+            tracker,
+            deleted,
+            heads,
+            data,
+            display_id,
+            tracker_name,
+            hlc: self.clock_last(),
+        };
+        match self.store.commit(write) {
+            Ok((ticket, meta)) => {
+                loaded.meta = Some(meta);
+                Ok(ticket)
+            }
+            Err(e) => {
+                *slot = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    // ---- trackers ---------------------------------------------------------------------------
+
+    fn refresh_tracker(&self, id: Uuid) -> Result<Tracker> {
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        let loaded = self
+            .ensure_loaded(id, &mut guard)?
+            .ok_or_else(|| RepoError::TrackerNotFound(id.to_string()))?;
+        let view = TrackerDoc::new(&mut loaded.doc).view(id)?;
+        self.trackers
+            .write()
+            .expect("trackers lock")
+            .insert(id, view.clone());
+        Ok(view)
+    }
+
+    pub fn trackers(&self) -> Vec<Tracker> {
+        let mut all: Vec<Tracker> = self
+            .trackers
+            .read()
+            .expect("trackers lock")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        all
+    }
+
+    /// A tracker by id or name.
+    pub fn tracker(&self, reference: &str) -> Result<Tracker> {
+        let id = match Uuid::parse_str(reference) {
+            Ok(id) => Some(id),
+            Err(_) => self.store.tracker_by_name(reference)?,
+        };
+        id.and_then(|id| {
+            self.trackers
+                .read()
+                .expect("trackers lock")
+                .get(&id)
+                .cloned()
+        })
+        .ok_or_else(|| RepoError::TrackerNotFound(reference.to_string()))
+    }
+
+    fn policy_of(&self, tracker: Uuid) -> ConflictPolicy {
+        self.trackers
+            .read()
+            .expect("trackers lock")
+            .get(&tracker)
+            .map(|t| t.conflict_policy)
+            .unwrap_or_default()
+    }
+
+    pub fn create_tracker(
+        &self,
+        name: &str,
+        fields: Vec<FieldDef>,
+        policy: ConflictPolicy,
+    ) -> Result<Tracker> {
+        validate_name(name).map_err(RepoError::BadRequest)?;
+        check_fields(&fields)?;
+        let _names = self.tracker_names.lock().expect("names lock");
+        if self.store.tracker_by_name(name)?.is_some() {
+            return Err(RepoError::DuplicateTracker(name.to_string()));
+        }
+        let id = Uuid::now_v7();
+        let hlc = self.stamp(None);
+        let doc = TrackerDoc::create(self.node, hlc, name, &fields, policy)?;
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        *guard = Some(Loaded { doc, meta: None });
+        let ticket = self.persist(
+            id,
+            &mut guard,
+            DocKind::Tracker,
+            id,
+            false,
+            None,
+            Some(name.to_string()),
+        )?;
+        drop(guard);
+        self.store.wait_durable(ticket)?;
+        self.refresh_tracker(id)
+    }
+
+    fn modify_tracker(
+        &self,
+        reference: &str,
+        f: impl FnOnce(&Tracker, &mut TrackerDoc<'_>, Hlc) -> Result<()>,
+    ) -> Result<Tracker> {
+        let tracker = self.tracker(reference)?;
+        let id = tracker.id;
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        let loaded = self
+            .ensure_loaded(id, &mut guard)?
+            .ok_or_else(|| RepoError::TrackerNotFound(reference.to_string()))?;
+        let mut tdoc = TrackerDoc::new(&mut loaded.doc);
+        let hlc = self.stamp(tdoc.max_hlc());
+        if let Err(e) = f(&tracker, &mut tdoc, hlc) {
+            // A failed change may have left operations in the open transaction: reload.
+            *guard = None;
+            return Err(e);
+        }
+        let ticket = self.persist(id, &mut guard, DocKind::Tracker, id, false, None, None)?;
+        drop(guard);
+        self.store.wait_durable(ticket)?;
+        self.refresh_tracker(id)
+    }
+
+    pub fn add_field(&self, reference: &str, field: FieldDef) -> Result<Tracker> {
+        field.validate()?;
+        if field.required {
+            // Existing items have no value for it; a required new field would make them invalid.
+            return Err(RepoError::BadRequest(format!(
+                "field {:?}: a field added to an existing tracker cannot be required",
+                field.name
+            )));
+        }
+        self.modify_tracker(reference, |t, doc, hlc| {
+            if t.field(&field.name).is_some() {
+                return Err(RepoError::DuplicateField {
+                    tracker: t.name.clone(),
+                    field: field.name.clone(),
+                });
+            }
+            if t.fields.len() >= crate::model::field_limits::MAX_FIELDS {
+                return Err(RepoError::BadRequest(
+                    "a tracker has at most 256 fields".into(),
+                ));
+            }
+            Ok(doc.add_field(hlc, &field)?)
+        })
+    }
+
+    pub fn set_policy(&self, reference: &str, policy: ConflictPolicy) -> Result<Tracker> {
+        self.modify_tracker(reference, |_, doc, hlc| Ok(doc.set_policy(hlc, policy)?))
+    }
+
+    // ---- items ------------------------------------------------------------------------------
+
+    /// An item id from a UUID or a display id.
+    fn resolve_item(&self, reference: &str) -> Result<Uuid> {
+        let id = match Uuid::parse_str(reference) {
+            Ok(id) => Some(id),
+            Err(_) => self.store.item_by_display_id(reference)?,
+        };
+        match id {
+            Some(id)
+                if self
+                    .store
+                    .doc_meta(id)?
+                    .is_some_and(|m| m.kind == DocKind::Item) =>
+            {
+                Ok(id)
+            }
+            _ => Err(RepoError::ItemNotFound(reference.to_string())),
+        }
+    }
+
+    pub fn create_item(&self, tracker_ref: &str, fields: Map<String, Json>) -> Result<ItemView> {
+        let tracker = self.tracker(tracker_ref)?;
+        let values = validate_fields(&tracker, fields, true)?;
+        let id = Uuid::now_v7();
+        let display = format!("{}-{}", self.node.short(), self.store.next_display_number());
+        let hlc = self.stamp(None);
+        let mut doc = ItemDoc::create(self.node, tracker.id, &display, hlc, &values)?;
+        let view = ItemDoc::new(&mut doc).view(id, tracker.conflict_policy)?;
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        *guard = Some(Loaded { doc, meta: None });
+        let ticket = self.persist(
+            id,
+            &mut guard,
+            DocKind::Item,
+            tracker.id,
+            false,
+            Some(display),
+            None,
+        )?;
+        drop(guard);
+        self.finish(ticket, &view)?;
+        Ok(view)
+    }
+
+    fn finish(&self, ticket: Ticket, view: &ItemView) -> Result<()> {
+        self.store.wait_durable(ticket)?;
+        // No subscribers is fine: events are for whoever listens.
+        let _ = self.events.send(ItemEvent {
+            item: view.id,
+            tracker: view.tracker,
+            source: Source::Local,
+        });
+        Ok(())
+    }
+
+    /// Read-only access to a loaded item.
+    fn with_item<T>(
+        &self,
+        reference: &str,
+        f: impl FnOnce(&mut ItemDoc<'_>, Uuid) -> Result<T>,
+    ) -> Result<T> {
+        let id = self.resolve_item(reference)?;
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        let loaded = self
+            .ensure_loaded(id, &mut guard)?
+            .ok_or_else(|| RepoError::ItemNotFound(reference.to_string()))?;
+        f(&mut ItemDoc::new(&mut loaded.doc), id)
+    }
+
+    pub fn item(&self, reference: &str) -> Result<ItemView> {
+        self.with_item(reference, |doc, id| {
+            let policy = self.policy_of(doc.tracker()?);
+            Ok(doc.view(id, policy)?)
+        })
+    }
+
+    /// Change an item: `f` receives the document, the tracker and a stamp.
+    fn modify_item(
+        &self,
+        reference: &str,
+        f: impl FnOnce(&mut ItemDoc<'_>, &Tracker, Hlc) -> Result<()>,
+    ) -> Result<ItemView> {
+        let id = self.resolve_item(reference)?;
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        let loaded = self
+            .ensure_loaded(id, &mut guard)?
+            .ok_or_else(|| RepoError::ItemNotFound(reference.to_string()))?;
+        let mut idoc = ItemDoc::new(&mut loaded.doc);
+        let result = (|| {
+            let tracker_id = idoc.tracker()?;
+            let tracker = self.tracker(&tracker_id.to_string())?;
+            let hlc = self.stamp(idoc.max_hlc());
+            f(&mut idoc, &tracker, hlc)?;
+            Ok(idoc.view(id, tracker.conflict_policy)?)
+        })();
+        let view = match result {
+            Ok(v) => v,
+            Err(e) => {
+                *guard = None;
+                return Err(e);
+            }
+        };
+        let ticket = self.persist(
+            id,
+            &mut guard,
+            DocKind::Item,
+            view.tracker,
+            view.deleted,
+            None,
+            None,
+        )?;
+        drop(guard);
+        self.finish(ticket, &view)?;
+        Ok(view)
+    }
+
+    pub fn update_item(&self, reference: &str, fields: Map<String, Json>) -> Result<ItemView> {
+        if fields.is_empty() {
+            return self.item(reference);
+        }
+        self.modify_item(reference, |doc, tracker, hlc| {
+            let values = validate_fields(tracker, fields, false)?;
+            Ok(doc.set_fields(hlc, &values)?)
+        })
+    }
+
+    pub fn delete_item(&self, reference: &str) -> Result<ItemView> {
+        self.modify_item(reference, |doc, _, hlc| Ok(doc.set_deleted(hlc, true)?))
+    }
+
+    pub fn restore_item(&self, reference: &str) -> Result<ItemView> {
+        self.modify_item(reference, |doc, _, hlc| Ok(doc.set_deleted(hlc, false)?))
+    }
+
+    pub fn history(&self, reference: &str) -> Result<Vec<HistoryEntry>> {
+        self.with_item(reference, |doc, _| Ok(doc.history()))
+    }
+
+    pub fn item_conflicts(&self, reference: &str) -> Result<Vec<FieldConflict>> {
+        self.with_item(reference, |doc, _| {
+            let policy = self.policy_of(doc.tracker()?);
+            Ok(doc.conflicts(policy)?)
+        })
+    }
+
+    /// Write a losing value of `field` again, as a new write that wins.
+    pub fn restore_conflict(&self, reference: &str, field: &str, hlc: &str) -> Result<ItemView> {
+        let wanted: Hlc = hlc
+            .parse()
+            .map_err(|e: crate::hlc::ParseHlcError| RepoError::BadRequest(e.to_string()))?;
+        let loser: Cell = self
+            .item_conflicts(reference)?
+            .into_iter()
+            .filter(|c| c.field == field)
+            .flat_map(|c| c.losers)
+            .find(|l| l.hlc == wanted)
+            .ok_or_else(|| RepoError::NoSuchLoser {
+                field: field.to_string(),
+                hlc: hlc.to_string(),
+            })?;
+        if field == "_deleted" {
+            let deleted = loser.value == Some(Json::Bool(true));
+            return self.modify_item(reference, |doc, _, stamp| {
+                Ok(doc.set_deleted(stamp, deleted)?)
+            });
+        }
+        // Written as stored: it was valid when written, and restoring must not depend on later
+        // schema changes.
+        self.modify_item(reference, |doc, _, stamp| {
+            Ok(doc.set_fields(stamp, &[(field.to_string(), loser.value.clone())])?)
+        })
+    }
+
+    /// One page of a tracker's items in id (creation time) order.
+    pub fn list_items(
+        &self,
+        tracker_ref: &str,
+        after: Option<Uuid>,
+        limit: usize,
+        deleted: Option<bool>,
+    ) -> Result<(Vec<ItemView>, Option<Uuid>)> {
+        let tracker = self.tracker(tracker_ref)?;
+        let limit = limit.clamp(1, MAX_PAGE);
+        let (ids, more) = self
+            .store
+            .items_of_tracker(tracker.id, after, limit, deleted)?;
+        let mut items = Vec::with_capacity(ids.len());
+        for id in &ids {
+            items.push(self.item(&id.to_string())?);
+        }
+        let next = if more { ids.last().copied() } else { None };
+        Ok((items, next))
+    }
+
+    /// Every conflict across a tracker's live and deleted items.
+    pub fn tracker_conflicts(&self, tracker_ref: &str) -> Result<Vec<(Uuid, FieldConflict)>> {
+        let tracker = self.tracker(tracker_ref)?;
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let (ids, more) = self
+                .store
+                .items_of_tracker(tracker.id, after, MAX_PAGE, None)?;
+            for id in &ids {
+                for c in self.item_conflicts(&id.to_string())? {
+                    out.push((*id, c));
+                }
+            }
+            if !more {
+                return Ok(out);
+            }
+            after = ids.last().copied();
+        }
+    }
+}
+
+fn check_fields(fields: &[FieldDef]) -> Result<()> {
+    if fields.len() > crate::model::field_limits::MAX_FIELDS {
+        return Err(RepoError::BadRequest(
+            "a tracker has at most 256 fields".into(),
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for f in fields {
+        f.validate()?;
+        if !names.insert(&f.name) {
+            return Err(RepoError::BadRequest(format!(
+                "field {:?} is defined twice",
+                f.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Validate user-supplied values against the schema; `null` clears. On create, required fields
+/// must be present and not null.
+fn validate_fields(
+    tracker: &Tracker,
+    fields: Map<String, Json>,
+    create: bool,
+) -> Result<Vec<(String, Option<Json>)>> {
+    let mut out = Vec::with_capacity(fields.len());
+    for (name, value) in fields {
+        let def = tracker
+            .field(&name)
+            .ok_or_else(|| ValueError::UnknownField(name.clone()))?;
+        let value = match value {
+            Json::Null if def.required => return Err(ValueError::Missing(name).into()),
+            Json::Null => None,
+            v => Some(validate_value(def, &v)?),
+        };
+        out.push((name, value));
+    }
+    if create {
+        for def in tracker.fields.iter().filter(|d| d.required) {
+            if !out.iter().any(|(n, v)| *n == def.name && v.is_some()) {
+                return Err(ValueError::Missing(def.name.clone()).into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn heads_of(doc: &mut AutoCommit) -> Vec<[u8; 32]> {
+    doc.get_heads().into_iter().map(|h| h.0).collect()
+}
+
+fn hashes(heads: &[[u8; 32]]) -> Vec<automerge::ChangeHash> {
+    heads.iter().map(|h| automerge::ChangeHash(*h)).collect()
+}

@@ -1,0 +1,607 @@
+//! The only module that names sled: key layout, atomic document writes, indexes, counters and
+//! the durability contract.
+//!
+//! Everything lives in sled's default tree under one-byte prefixes, so one `apply_batch` is one
+//! atomic write across all of them:
+//!
+//! | key | value |
+//! |---|---|
+//! | `M` name | node metadata: HLC high-water mark, counters |
+//! | `H` doc id | [`DocMeta`]: kind, tracker, heads, change seq, chunk bookkeeping |
+//! | `S` doc id | compacted Automerge snapshot (`save()`) |
+//! | `C` doc id, chunk u32 BE | one incremental change chunk (`save_after(heads)`) |
+//! | `Q` seq u64 BE | doc id: the changes feed, one entry per document at its latest seq |
+//! | `T` tracker id | (empty) list of trackers |
+//! | `N` tracker name | tracker id |
+//! | `I` tracker id, item id | deleted flag (1 byte): items of a tracker in id (time) order |
+//! | `D` display id | item id |
+//!
+//! Snapshot and chunks are separate keys so a torn or corrupt chunk never costs the snapshot.
+//!
+//! Durability: [`Store::commit`] applies a batch and returns a ticket; [`Store::wait_durable`]
+//! returns once a flush that started after the batch was applied has finished. Concurrent
+//! waiters share flushes (leader/follower group commit): one fsync covers every batch applied
+//! before it began. All calls block; async callers use `spawn_blocking`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use uuid::Uuid;
+
+use crate::hlc::Hlc;
+
+/// sled's page cache. Documents are cached decoded by the repo; this only needs the hot pages.
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+const P_DOCMETA: u8 = b'H';
+const P_SNAPSHOT: u8 = b'S';
+const P_CHUNK: u8 = b'C';
+const P_SEQ: u8 = b'Q';
+const P_TRACKER: u8 = b'T';
+const P_TRACKER_NAME: u8 = b'N';
+const P_ITEM_INDEX: u8 = b'I';
+const P_DISPLAY: u8 = b'D';
+
+const META_HLC: &[u8] = b"Mhlc";
+const META_ITEMS: &[u8] = b"Mitems";
+const META_TRACKERS: &[u8] = b"Mtrackers";
+const META_DISPLAY: &[u8] = b"Mdisplay";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error(
+        "storage is unavailable: the last flush failed ({0}); writes are refused until it succeeds"
+    )]
+    FlushFailed(String),
+    #[error("corrupt record under key {key}: {what}")]
+    Corrupt { key: String, what: &'static str },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DocKind {
+    Tracker,
+    Item,
+}
+
+/// Bookkeeping for one document, kept outside the document so indexes and sync never need to
+/// decode Automerge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocMeta {
+    pub kind: DocKind,
+    /// The item's tracker; a tracker's own id for trackers.
+    pub tracker: Uuid,
+    /// Local change sequence number of the latest write.
+    pub seq: u64,
+    /// Automerge heads after the latest write.
+    pub heads: Vec<[u8; 32]>,
+    /// Incremental chunks stored after the snapshot.
+    pub chunks: u32,
+    pub deleted: bool,
+}
+
+impl DocMeta {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + 32 * self.heads.len());
+        out.push(1); // format version
+        out.push(match self.kind {
+            DocKind::Tracker => 0,
+            DocKind::Item => 1,
+        });
+        out.extend_from_slice(self.tracker.as_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.chunks.to_be_bytes());
+        out.push(self.deleted as u8);
+        out.extend_from_slice(&(self.heads.len() as u16).to_be_bytes());
+        for h in &self.heads {
+            out.extend_from_slice(h);
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<DocMeta> {
+        if b.len() < 33 || b[0] != 1 {
+            return None;
+        }
+        let kind = match b[1] {
+            0 => DocKind::Tracker,
+            1 => DocKind::Item,
+            _ => return None,
+        };
+        let tracker = Uuid::from_bytes(b[2..18].try_into().ok()?);
+        let seq = u64::from_be_bytes(b[18..26].try_into().ok()?);
+        let chunks = u32::from_be_bytes(b[26..30].try_into().ok()?);
+        let deleted = b[30] != 0;
+        let n = u16::from_be_bytes(b[31..33].try_into().ok()?) as usize;
+        let rest = &b[33..];
+        if rest.len() != n * 32 {
+            return None;
+        }
+        let heads = rest
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32-byte chunk"))
+            .collect();
+        Some(DocMeta {
+            kind,
+            tracker,
+            seq,
+            heads,
+            chunks,
+            deleted,
+        })
+    }
+}
+
+/// What to write for a document.
+pub enum DocData {
+    /// Replace the snapshot and drop every chunk (creation and compaction).
+    Snapshot(Vec<u8>),
+    /// Append one incremental chunk.
+    Chunk(Vec<u8>),
+}
+
+pub struct DocWrite {
+    pub id: Uuid,
+    pub kind: DocKind,
+    pub tracker: Uuid,
+    pub deleted: bool,
+    pub heads: Vec<[u8; 32]>,
+    pub data: DocData,
+    /// A new item's display id, to index.
+    pub display_id: Option<String>,
+    /// A new tracker's name, to index.
+    pub tracker_name: Option<String>,
+    /// Highest stamp the node has issued or seen; persisted so the clock survives restarts.
+    pub hlc: Hlc,
+}
+
+/// Stored bytes of one document.
+pub struct DocBytes {
+    pub meta: DocMeta,
+    pub snapshot: Vec<u8>,
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// Proof that a batch was applied; pass it to [`Store::wait_durable`].
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket(u64);
+
+/// Counters kept under the commit lock.
+struct CommitState {
+    next_seq: u64,
+    live_items: u64,
+    trackers: u64,
+    hlc: Hlc,
+}
+
+struct FlushState {
+    /// Every ticket up to this one is durable.
+    flushed: u64,
+    in_progress: bool,
+    last_error: Option<String>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    commit: Mutex<CommitState>,
+    /// Highest ticket handed out.
+    applied: AtomicU64,
+    flush: Mutex<FlushState>,
+    flushed_cv: Condvar,
+    display_next: AtomicU64,
+    flushes: AtomicU64,
+}
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(prefix);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn read_u64(db: &sled::Db, k: &[u8]) -> Result<u64> {
+    Ok(match db.get(k)? {
+        Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            key: String::from_utf8_lossy(k).into_owned(),
+            what: "counter is not 8 bytes",
+        })?),
+        None => 0,
+    })
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            // We flush on demand before acknowledging; a timer flush would only add fsyncs.
+            .flush_every_ms(None)
+            .open()?;
+        let next_seq = match db.scan_prefix([P_SEQ]).next_back() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                u64::from_be_bytes(k[1..].try_into().map_err(|_| StoreError::Corrupt {
+                    key: "Q".into(),
+                    what: "sequence key is not 8 bytes",
+                })?) + 1
+            }
+            None => 1,
+        };
+        let hlc = db
+            .get(META_HLC)?
+            .and_then(|v| Hlc::from_bytes(&v))
+            .unwrap_or_default();
+        let state = CommitState {
+            next_seq,
+            live_items: read_u64(&db, META_ITEMS)?,
+            trackers: read_u64(&db, META_TRACKERS)?,
+            hlc,
+        };
+        let display_next = read_u64(&db, META_DISPLAY)? + 1;
+        Ok(Store {
+            db,
+            commit: Mutex::new(state),
+            applied: AtomicU64::new(0),
+            flush: Mutex::new(FlushState {
+                flushed: 0,
+                in_progress: false,
+                last_error: None,
+            }),
+            flushed_cv: Condvar::new(),
+            display_next: AtomicU64::new(display_next),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    /// The persisted clock high-water mark.
+    pub fn hlc_high_water(&self) -> Hlc {
+        self.commit.lock().expect("commit lock").hlc
+    }
+
+    /// Next number for a display id. Persisted with the item that uses it.
+    pub fn next_display_number(&self) -> u64 {
+        self.display_next.fetch_add(1, Ordering::SeqCst)
+    }
+
+    pub fn live_items(&self) -> u64 {
+        self.commit.lock().expect("commit lock").live_items
+    }
+
+    pub fn tracker_count(&self) -> u64 {
+        self.commit.lock().expect("commit lock").trackers
+    }
+
+    /// Last assigned change sequence number (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.commit.lock().expect("commit lock").next_seq - 1
+    }
+
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    pub fn doc_meta(&self, id: Uuid) -> Result<Option<DocMeta>> {
+        let k = key(P_DOCMETA, &[id.as_bytes()]);
+        match self.db.get(&k)? {
+            None => Ok(None),
+            Some(v) => DocMeta::decode(&v).map(Some).ok_or(StoreError::Corrupt {
+                key: format!("H{id}"),
+                what: "document metadata",
+            }),
+        }
+    }
+
+    pub fn load_doc(&self, id: Uuid) -> Result<Option<DocBytes>> {
+        let Some(meta) = self.doc_meta(id)? else {
+            return Ok(None);
+        };
+        let snapshot = self
+            .db
+            .get(key(P_SNAPSHOT, &[id.as_bytes()]))?
+            .ok_or(StoreError::Corrupt {
+                key: format!("S{id}"),
+                what: "document has metadata but no snapshot",
+            })?
+            .to_vec();
+        let mut chunks = Vec::new();
+        for kv in self.db.scan_prefix(key(P_CHUNK, &[id.as_bytes()])) {
+            chunks.push(kv?.1.to_vec());
+        }
+        Ok(Some(DocBytes {
+            meta,
+            snapshot,
+            chunks,
+        }))
+    }
+
+    /// Apply one document write atomically with its indexes and counters. Not yet durable:
+    /// call [`Store::wait_durable`] with the ticket before acknowledging it.
+    pub fn commit(&self, w: DocWrite) -> Result<(Ticket, DocMeta)> {
+        let id = w.id;
+        let mut st = self.commit.lock().expect("commit lock");
+        let old = self.doc_meta(id)?;
+        let mut batch = sled::Batch::default();
+        let seq = st.next_seq;
+
+        let chunks = match &w.data {
+            DocData::Snapshot(bytes) => {
+                batch.insert(key(P_SNAPSHOT, &[id.as_bytes()]), bytes.as_slice());
+                for n in 0..old.as_ref().map_or(0, |m| m.chunks) {
+                    batch.remove(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]));
+                }
+                0
+            }
+            DocData::Chunk(bytes) => {
+                let n = old.as_ref().map_or(0, |m| m.chunks);
+                batch.insert(
+                    key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]),
+                    bytes.as_slice(),
+                );
+                n + 1
+            }
+        };
+        let meta = DocMeta {
+            kind: w.kind,
+            tracker: w.tracker,
+            seq,
+            heads: w.heads,
+            chunks,
+            deleted: w.deleted,
+        };
+        batch.insert(key(P_DOCMETA, &[id.as_bytes()]), meta.encode());
+        if let Some(o) = &old {
+            batch.remove(key(P_SEQ, &[&o.seq.to_be_bytes()]));
+        }
+        batch.insert(key(P_SEQ, &[&seq.to_be_bytes()]), id.as_bytes().as_slice());
+
+        let (mut live, mut trackers) = (st.live_items, st.trackers);
+        match w.kind {
+            DocKind::Item => {
+                batch.insert(
+                    key(P_ITEM_INDEX, &[w.tracker.as_bytes(), id.as_bytes()]),
+                    &[w.deleted as u8],
+                );
+                let was_live = old.as_ref().is_some_and(|m| !m.deleted);
+                match (was_live, !w.deleted) {
+                    (false, true) => live += 1,
+                    (true, false) => live = live.saturating_sub(1),
+                    _ => {}
+                }
+                batch.insert(META_ITEMS, &live.to_be_bytes());
+            }
+            DocKind::Tracker => {
+                if old.is_none() {
+                    trackers += 1;
+                    batch.insert(key(P_TRACKER, &[id.as_bytes()]), &[]);
+                    batch.insert(META_TRACKERS, &trackers.to_be_bytes());
+                }
+            }
+        }
+        if let Some(d) = &w.display_id {
+            batch.insert(key(P_DISPLAY, &[d.as_bytes()]), id.as_bytes().as_slice());
+            let n = self.display_next.load(Ordering::SeqCst).saturating_sub(1);
+            batch.insert(META_DISPLAY, &n.to_be_bytes());
+        }
+        if let Some(name) = &w.tracker_name {
+            batch.insert(
+                key(P_TRACKER_NAME, &[name.as_bytes()]),
+                id.as_bytes().as_slice(),
+            );
+        }
+        let hlc = st.hlc.max(w.hlc);
+        if hlc > st.hlc {
+            batch.insert(META_HLC, hlc.to_bytes().as_slice());
+        }
+
+        self.db.apply_batch(batch)?;
+        st.next_seq += 1;
+        st.live_items = live;
+        st.trackers = trackers;
+        st.hlc = hlc;
+        let ticket = Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
+        Ok((ticket, meta))
+    }
+
+    /// Block until the batch behind `ticket` is durable (group commit: concurrent waiters share
+    /// one flush).
+    pub fn wait_durable(&self, ticket: Ticket) -> Result<()> {
+        let mut st = self.flush.lock().expect("flush lock");
+        loop {
+            if st.flushed >= ticket.0 {
+                return Ok(());
+            }
+            if !st.in_progress {
+                st.in_progress = true;
+                // Every ticket handed out so far belongs to a batch already applied.
+                let target = self.applied.load(Ordering::SeqCst);
+                drop(st);
+                let result = self.db.flush();
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                st = self.flush.lock().expect("flush lock");
+                st.in_progress = false;
+                self.flushed_cv.notify_all();
+                match result {
+                    Ok(_) => {
+                        st.flushed = st.flushed.max(target);
+                        st.last_error = None;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store flush failed");
+                        st.last_error = Some(e.to_string());
+                        return Err(StoreError::FlushFailed(e.to_string()));
+                    }
+                }
+                continue;
+            }
+            st = self.flushed_cv.wait(st).expect("flush lock");
+            if let Some(e) = &st.last_error {
+                if st.flushed < ticket.0 && !st.in_progress {
+                    return Err(StoreError::FlushFailed(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Flush everything (shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn tracker_ids(&self) -> Result<Vec<Uuid>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([P_TRACKER]) {
+            let (k, _) = kv?;
+            out.push(uuid_at(&k, 1)?);
+        }
+        Ok(out)
+    }
+
+    pub fn tracker_by_name(&self, name: &str) -> Result<Option<Uuid>> {
+        self.db
+            .get(key(P_TRACKER_NAME, &[name.as_bytes()]))?
+            .map(|v| uuid_at(&v, 0))
+            .transpose()
+    }
+
+    pub fn item_by_display_id(&self, display: &str) -> Result<Option<Uuid>> {
+        self.db
+            .get(key(P_DISPLAY, &[display.as_bytes()]))?
+            .map(|v| uuid_at(&v, 0))
+            .transpose()
+    }
+
+    /// Items of `tracker` in id order after `after`; at most `limit`. `deleted` filters by the
+    /// deleted flag when given. Returns the ids and whether more follow.
+    pub fn items_of_tracker(
+        &self,
+        tracker: Uuid,
+        after: Option<Uuid>,
+        limit: usize,
+        deleted: Option<bool>,
+    ) -> Result<(Vec<Uuid>, bool)> {
+        let prefix = key(P_ITEM_INDEX, &[tracker.as_bytes()]);
+        let start = match after {
+            // The first key strictly after `after`: append a byte.
+            Some(a) => {
+                let mut k = key(P_ITEM_INDEX, &[tracker.as_bytes(), a.as_bytes()]);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.db.range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let is_deleted = v.first().copied().unwrap_or(0) != 0;
+            if deleted.is_some_and(|d| d != is_deleted) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(uuid_at(&k, 17)?);
+        }
+        Ok((out, false))
+    }
+}
+
+fn uuid_at(b: &[u8], at: usize) -> Result<Uuid> {
+    b.get(at..at + 16)
+        .and_then(|s| s.try_into().ok())
+        .map(Uuid::from_bytes)
+        .ok_or(StoreError::Corrupt {
+            key: String::from_utf8_lossy(b).into_owned(),
+            what: "expected a 16-byte id",
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(id: Uuid, tracker: Uuid, data: DocData, deleted: bool) -> DocWrite {
+        DocWrite {
+            id,
+            kind: DocKind::Item,
+            tracker,
+            deleted,
+            heads: vec![[1; 32]],
+            data,
+            display_id: None,
+            tracker_name: None,
+            hlc: Hlc::default(),
+        }
+    }
+
+    #[test]
+    fn chunks_append_and_snapshot_replaces_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (id, t) = (Uuid::now_v7(), Uuid::now_v7());
+        store
+            .commit(write(id, t, DocData::Snapshot(b"s1".to_vec()), false))
+            .expect("commit");
+        store
+            .commit(write(id, t, DocData::Chunk(b"c1".to_vec()), false))
+            .expect("commit");
+        let (ticket, _) = store
+            .commit(write(id, t, DocData::Chunk(b"c2".to_vec()), false))
+            .expect("commit");
+        store.wait_durable(ticket).expect("durable");
+        let d = store.load_doc(id).expect("load").expect("exists");
+        assert_eq!(d.snapshot, b"s1");
+        assert_eq!(d.chunks, vec![b"c1".to_vec(), b"c2".to_vec()]);
+        assert_eq!(d.meta.seq, 3);
+        store
+            .commit(write(id, t, DocData::Snapshot(b"s2".to_vec()), true))
+            .expect("commit");
+        let d = store.load_doc(id).expect("load").expect("exists");
+        assert_eq!(
+            (d.snapshot.as_slice(), d.chunks.len(), d.meta.chunks),
+            (&b"s2"[..], 0, 0)
+        );
+        assert_eq!(store.live_items(), 0, "deleting the only item");
+        let (ids, more) = store
+            .items_of_tracker(t, None, 10, Some(true))
+            .expect("list");
+        assert_eq!((ids, more), (vec![id], false));
+    }
+
+    #[test]
+    fn counters_and_seq_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Uuid::now_v7();
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for _ in 0..3 {
+                store
+                    .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false))
+                    .expect("commit");
+            }
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.live_items(), 3);
+        assert_eq!(store.last_seq(), 3);
+        let (page, more) = store.items_of_tracker(t, None, 2, None).expect("list");
+        assert!(more);
+        let (rest, more) = store
+            .items_of_tracker(t, Some(page[1]), 2, None)
+            .expect("list");
+        assert_eq!((rest.len(), more), (1, false));
+    }
+}
