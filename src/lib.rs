@@ -4,9 +4,14 @@
 //! storage and the repo that owns documents, then the node's edges (local API, CLI).
 //! ARCHITECTURE.md has the codemap and the invariants.
 
+pub mod api;
+pub mod cli;
+pub mod config;
 pub mod hlc;
 pub mod item;
+pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod register;
 pub mod repo;
 pub mod schema;

@@ -1,0 +1,188 @@
+//! JSON shapes of the local API (SPEC section 4, "Local API v1, pinned"). Requests refuse
+//! unknown fields; conversion into domain types validates.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use uuid::Uuid;
+
+use crate::item::{FieldConflict, HistoryEntry, ItemView};
+use crate::model::{ConflictPolicy, FieldDef, FieldType};
+use crate::register::Cell;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldIn {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+impl From<FieldIn> for FieldDef {
+    fn from(f: FieldIn) -> FieldDef {
+        FieldDef {
+            label: f.label.unwrap_or_else(|| f.name.clone()),
+            name: f.name,
+            ty: f.ty,
+            required: f.required,
+            options: f.options,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTracker {
+    pub name: String,
+    #[serde(default)]
+    pub fields: Vec<FieldIn>,
+    #[serde(default)]
+    pub conflict_policy: Option<ConflictPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTracker {
+    pub conflict_policy: ConflictPolicy,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemFields {
+    pub fields: Map<String, Json>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConflict {
+    pub field: String,
+    pub hlc: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub limit: Option<usize>,
+    pub after: Option<Uuid>,
+    /// `true`: deleted items too; `only`: deleted items only; default: live items only.
+    pub deleted: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ItemOut {
+    pub id: Uuid,
+    pub display_id: String,
+    pub tracker: Uuid,
+    pub fields: BTreeMap<String, Json>,
+    pub deleted: bool,
+    pub created: String,
+    pub updated: String,
+    pub origin: String,
+}
+
+impl From<ItemView> for ItemOut {
+    fn from(v: ItemView) -> Self {
+        ItemOut {
+            id: v.id,
+            display_id: v.display_id,
+            tracker: v.tracker,
+            fields: v.fields,
+            deleted: v.deleted,
+            created: v.created.to_string(),
+            updated: v.updated.to_string(),
+            origin: v.origin.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ItemPage {
+    pub items: Vec<ItemOut>,
+    pub next: Option<Uuid>,
+}
+
+#[derive(Serialize)]
+pub struct CellOut {
+    pub value: Json,
+    pub hlc: String,
+    pub node: String,
+}
+
+impl From<Cell> for CellOut {
+    fn from(c: Cell) -> Self {
+        CellOut {
+            value: c.value.unwrap_or(Json::Null),
+            hlc: c.hlc.to_string(),
+            node: c.hlc.node.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ConflictOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<Uuid>,
+    pub field: String,
+    pub winner: CellOut,
+    pub losers: Vec<CellOut>,
+}
+
+impl ConflictOut {
+    pub fn new(item: Option<Uuid>, c: FieldConflict) -> Self {
+        ConflictOut {
+            item,
+            field: c.field,
+            winner: c.winner.into(),
+            losers: c.losers.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct HistoryOut {
+    pub hlc: String,
+    pub node: String,
+    pub fields: BTreeMap<String, Json>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<bool>,
+}
+
+impl From<HistoryEntry> for HistoryOut {
+    fn from(h: HistoryEntry) -> Self {
+        HistoryOut {
+            hlc: h.hlc.to_string(),
+            node: h.hlc.node.to_string(),
+            fields: h
+                .fields
+                .into_iter()
+                .map(|(k, v)| (k, v.unwrap_or(Json::Null)))
+                .collect(),
+            deleted: h.deleted,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub connected: bool,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub node_id: String,
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub trackers: u64,
+    pub items: u64,
+    pub peers: Vec<PeerStatus>,
+    pub clock: String,
+    pub version: &'static str,
+}

@@ -1,0 +1,256 @@
+//! Route handlers: parse, call the repo, shape the answer.
+
+use std::convert::Infallible;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::Json;
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+
+use super::dto::*;
+use super::{ApiError, AppState, JsonBody, QueryParams};
+use crate::model::{ConflictPolicy, FieldDef};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub async fn status(State(s): State<AppState>) -> ApiResult<Json<Status>> {
+    let info = s.info.clone();
+    let (trackers, items, clock) = s
+        .blocking(|r| {
+            Ok((
+                r.store().tracker_count(),
+                r.store().live_items(),
+                r.clock_last(),
+            ))
+        })
+        .await?;
+    Ok(Json(Status {
+        node_id: info.node.to_string(),
+        peer_id: info.peer_id.to_string(),
+        listen_addrs: info.listen_addrs,
+        trackers,
+        items,
+        peers: Vec::new(),
+        clock: clock.to_string(),
+        version: env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+pub async fn create_tracker(
+    State(s): State<AppState>,
+    JsonBody(body): JsonBody<CreateTracker>,
+) -> ApiResult<impl IntoResponse> {
+    let fields: Vec<FieldDef> = body.fields.into_iter().map(Into::into).collect();
+    let policy = body.conflict_policy.unwrap_or_default();
+    let t = s
+        .blocking(move |r| r.create_tracker(&body.name, fields, policy))
+        .await?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+pub async fn list_trackers(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.repo.trackers()))
+}
+
+pub async fn get_tracker(
+    State(s): State<AppState>,
+    Path(t): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.blocking(move |r| r.tracker(&t)).await?))
+}
+
+pub async fn update_tracker(
+    State(s): State<AppState>,
+    Path(t): Path<String>,
+    JsonBody(body): JsonBody<UpdateTracker>,
+) -> ApiResult<impl IntoResponse> {
+    let policy: ConflictPolicy = body.conflict_policy;
+    Ok(Json(s.blocking(move |r| r.set_policy(&t, policy)).await?))
+}
+
+pub async fn add_field(
+    State(s): State<AppState>,
+    Path(t): Path<String>,
+    JsonBody(body): JsonBody<FieldIn>,
+) -> ApiResult<impl IntoResponse> {
+    let field: FieldDef = body.into();
+    Ok(Json(s.blocking(move |r| r.add_field(&t, field)).await?))
+}
+
+pub async fn create_item(
+    State(s): State<AppState>,
+    Path(t): Path<String>,
+    JsonBody(body): JsonBody<ItemFields>,
+) -> ApiResult<impl IntoResponse> {
+    let item = s.blocking(move |r| r.create_item(&t, body.fields)).await?;
+    Ok((StatusCode::CREATED, Json(ItemOut::from(item))))
+}
+
+pub async fn list_items(
+    State(s): State<AppState>,
+    Path(t): Path<String>,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let deleted = match q.deleted.as_deref() {
+        None | Some("false") => Some(false),
+        Some("true") => None,
+        Some("only") => Some(true),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("deleted={other:?}: use true, false or only"),
+            ))
+        }
+    };
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > crate::repo::MAX_PAGE {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be 1 to {}", crate::repo::MAX_PAGE),
+        ));
+    }
+    let (items, next) = s
+        .blocking(move |r| r.list_items(&t, q.after, limit, deleted))
+        .await?;
+    Ok(Json(ItemPage {
+        items: items.into_iter().map(Into::into).collect(),
+        next,
+    }))
+}
+
+pub async fn get_item(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(ItemOut::from(s.blocking(move |r| r.item(&id)).await?)))
+}
+
+pub async fn update_item(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ItemFields>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(ItemOut::from(
+        s.blocking(move |r| r.update_item(&id, body.fields)).await?,
+    )))
+}
+
+pub async fn delete_item(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(ItemOut::from(
+        s.blocking(move |r| r.delete_item(&id)).await?,
+    )))
+}
+
+pub async fn restore_item(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(ItemOut::from(
+        s.blocking(move |r| r.restore_item(&id)).await?,
+    )))
+}
+
+pub async fn item_history(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let h = s.blocking(move |r| r.history(&id)).await?;
+    Ok(Json(
+        h.into_iter().map(HistoryOut::from).collect::<Vec<_>>(),
+    ))
+}
+
+pub async fn item_conflicts(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let c = s.blocking(move |r| r.item_conflicts(&id)).await?;
+    Ok(Json(
+        c.into_iter()
+            .map(|c| ConflictOut::new(None, c))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+pub async fn restore_conflict(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RestoreConflict>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(ItemOut::from(
+        s.blocking(move |r| r.restore_conflict(&id, &body.field, &body.hlc))
+            .await?,
+    )))
+}
+
+pub async fn tracker_conflicts(
+    State(s): State<AppState>,
+    Path(t): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let c = s.blocking(move |r| r.tracker_conflicts(&t)).await?;
+    Ok(Json(
+        c.into_iter()
+            .map(|(item, c)| ConflictOut::new(Some(item), c))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// Server-sent events: one JSON object per durable item change. A subscriber that falls more
+/// than the buffer behind gets a `lagged` event with the number of changes it missed.
+pub async fn events(
+    State(s): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut stop = s.shutdown.clone();
+    let stream = BroadcastStream::new(s.repo.subscribe())
+        .map(|ev| {
+            Ok(match ev {
+                Ok(ev) => Event::default()
+                    .json_data(ev)
+                    .unwrap_or_else(|_| Event::default().event("error")),
+                Err(BroadcastStreamRecvError::Lagged(n)) => {
+                    Event::default().event("lagged").data(n.to_string())
+                }
+            })
+        })
+        .take_until(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let body = s.metrics.render(&s.repo);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}
+
+pub async fn not_yet(req: axum::extract::Request) -> ApiError {
+    ApiError::not_implemented(&format!("{} {}", req.method(), req.uri().path()))
+}
+
+pub async fn not_found(req: axum::extract::Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+}
+
+pub async fn method_not_allowed(req: axum::extract::Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}

@@ -1,0 +1,663 @@
+//! The command line (clap). `serve` runs the node; every other command is a client of the local
+//! API (see `client`): parse, resolve, run, print.
+
+mod client;
+mod values;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use reqwest::Method;
+use serde_json::{json, Value as Json};
+
+use crate::config::{self, Config, Identity};
+use crate::node::Node;
+use client::Client;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "trackersync",
+    version,
+    about = "Peer-to-peer sync node for tracker items"
+)]
+pub struct Cli {
+    /// Data directory (node identity, API token, store).
+    #[arg(long, global = true, env = "TRACKERSYNC_DATA")]
+    pub data: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the data directory: node UUID, libp2p keypair, API token.
+    Init(JsonFlag),
+    /// Run the node: local API, store (and sync, when enabled).
+    Serve(ServeArgs),
+    /// Show the node's identity and counts.
+    Status(JsonFlag),
+    /// Create, list and change trackers.
+    #[command(subcommand)]
+    Tracker(TrackerCmd),
+    /// Add, read, change and delete items.
+    #[command(subcommand)]
+    Item(ItemCmd),
+    /// Show fields with concurrent values (one item, or a whole tracker), or restore a losing value.
+    Conflicts(ConflictsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Local API address; port 0 picks a free port (written to DATA/api-addr).
+    #[arg(long, default_value = config::DEFAULT_API_ADDR)]
+    pub api: SocketAddr,
+    /// libp2p listen address (repeatable).
+    #[arg(long)]
+    pub listen: Vec<Multiaddr>,
+    /// Do not discover peers with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Shift this node's clock by milliseconds (testing clock skew).
+    #[arg(
+        long,
+        env = "TRACKERSYNC_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub clock_offset_ms: i64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrackerCmd {
+    /// Create a tracker: `--field NAME:TYPE[:OPTION,OPTION…]` for each field.
+    Create {
+        name: String,
+        /// NAME:TYPE or NAME:choice:OPT1,OPT2 (types: text, longtext, number, boolean, date,
+        /// datetime, choice, multichoice, email, url, location, user).
+        #[arg(long = "field")]
+        fields: Vec<String>,
+        /// Fields that every item must have (repeatable).
+        #[arg(long)]
+        required: Vec<String>,
+        /// Conflict policy: newer (most recent write wins) or origin (origin node's write wins).
+        #[arg(long, default_value = "newer")]
+        policy: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List trackers.
+    List(JsonFlag),
+    /// Show one tracker's schema.
+    Get {
+        tracker: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a field to a tracker (it reaches every peer).
+    AddField {
+        tracker: String,
+        /// NAME:TYPE[:OPTIONS]
+        field: String,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a tracker's conflict policy: newer or origin.
+    Policy { tracker: String, policy: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ItemCmd {
+    /// Add an item: FIELD=VALUE … (FIELD:=JSON for raw JSON).
+    Add {
+        tracker: String,
+        values: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an item (by id or display id).
+    Get {
+        item: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set fields of an item: FIELD=VALUE … (FIELD= clears).
+    Set {
+        item: String,
+        #[arg(required = true)]
+        values: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a tracker's items.
+    List {
+        tracker: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Continue after this item id (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Include deleted items.
+        #[arg(long)]
+        deleted: bool,
+        /// List every page.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an item (a tombstone that syncs; restore undoes it).
+    Delete {
+        item: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undelete an item.
+    Restore {
+        item: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an item's changes, oldest first.
+    History {
+        item: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ConflictsArgs {
+    /// An item (id or display id); omit and pass --tracker for a whole tracker.
+    pub item: Option<String>,
+    #[arg(long)]
+    pub tracker: Option<String>,
+    /// Restore a losing value: FIELD and the loser's HLC, as shown.
+    #[arg(long, num_args = 2, value_names = ["FIELD", "HLC"])]
+    pub restore: Option<Vec<String>>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let data = cli.data.unwrap_or_else(config::default_data_dir);
+    match cli.command {
+        Command::Init(f) => init(&data, f.json),
+        Command::Serve(args) => serve(data, args).await,
+        cmd => {
+            let client = Client::connect(&data).await?;
+            let result = client_command(&client, cmd).await;
+            client.close().await?;
+            result
+        }
+    }
+}
+
+fn init(data: &std::path::Path, json: bool) -> Result<()> {
+    let id = Identity::init(data)?;
+    let peer = id.keypair.public().to_peer_id();
+    if json {
+        print_json(
+            &json!({"node_id": id.node.to_string(), "peer_id": peer.to_string(), "data": data}),
+        );
+    } else {
+        println!("node {}\npeer {}\ndata {}", id.node, peer, data.display());
+    }
+    Ok(())
+}
+
+async fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
+    let mut config = Config::new(data.clone());
+    config.api_addr = args.api;
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    config.mdns = !args.no_mdns;
+    config.clock_offset_ms = args.clock_offset_ms;
+    let node = Node::start(config).await?;
+    println!(
+        "trackersync node {} (peer {})",
+        node.info().node,
+        node.info().peer_id
+    );
+    println!(
+        "local API: http://{} (token in {})",
+        node.api_addr(),
+        data.join(config::FILE_API_TOKEN).display()
+    );
+    println!("data: {}", data.display());
+    wait_for_signal().await;
+    node.shutdown().await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn client_command(c: &Client, cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Init(_) | Command::Serve(_) => unreachable!("handled before connecting"),
+        Command::Status(f) => {
+            let s = c.get("/status").await?;
+            if f.json {
+                print_json(&s);
+            } else {
+                println!("node     {}", s["node_id"].as_str().unwrap_or(""));
+                println!("peer id  {}", s["peer_id"].as_str().unwrap_or(""));
+                println!("trackers {}", s["trackers"]);
+                println!("items    {}", s["items"]);
+                println!("clock    {}", s["clock"].as_str().unwrap_or(""));
+                let addrs: Vec<&str> = s["listen_addrs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Json::as_str)
+                    .collect();
+                println!(
+                    "listen   {}",
+                    if addrs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        addrs.join(" ")
+                    }
+                );
+            }
+        }
+        Command::Tracker(t) => tracker_command(c, t).await?,
+        Command::Item(i) => item_command(c, i).await?,
+        Command::Conflicts(a) => conflicts_command(c, a).await?,
+    }
+    Ok(())
+}
+
+fn parse_field_spec(spec: &str, required: &[String], label: Option<String>) -> Result<Json> {
+    let mut parts = spec.splitn(3, ':');
+    let name = parts.next().unwrap_or_default();
+    let Some(ty) = parts.next() else {
+        bail!("--field {spec:?}: expected NAME:TYPE, for example age:number or status:choice:open,closed");
+    };
+    let options: Vec<&str> = parts
+        .next()
+        .map(|o| o.split(',').collect())
+        .unwrap_or_default();
+    Ok(json!({
+        "name": name,
+        "type": ty,
+        "label": label.unwrap_or_else(|| name.to_string()),
+        "required": required.iter().any(|r| r == name),
+        "options": options,
+    }))
+}
+
+async fn tracker_command(c: &Client, cmd: TrackerCmd) -> Result<()> {
+    match cmd {
+        TrackerCmd::Create {
+            name,
+            fields,
+            required,
+            policy,
+            json,
+        } => {
+            for r in &required {
+                if !fields
+                    .iter()
+                    .any(|f| f.split(':').next() == Some(r.as_str()))
+                {
+                    bail!("--required {r}: no --field named {r}");
+                }
+            }
+            let fields = fields
+                .iter()
+                .map(|f| parse_field_spec(f, &required, None))
+                .collect::<Result<Vec<_>>>()?;
+            let t = c
+                .request(
+                    Method::POST,
+                    "/trackers",
+                    Some(json!({"name": name, "fields": fields, "conflict_policy": policy})),
+                )
+                .await?;
+            print_tracker(&t, json);
+        }
+        TrackerCmd::List(f) => {
+            let all = c.get("/trackers").await?;
+            if f.json {
+                print_json(&all);
+            } else {
+                for t in all.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {} fields  {}",
+                        t["name"].as_str().unwrap_or(""),
+                        t["fields"].as_array().map_or(0, Vec::len),
+                        t["id"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        TrackerCmd::Get { tracker, json } => {
+            print_tracker(&c.get(&format!("/trackers/{}", enc(&tracker))).await?, json)
+        }
+        TrackerCmd::AddField {
+            tracker,
+            field,
+            label,
+            json,
+        } => {
+            let f = parse_field_spec(&field, &[], label)?;
+            let t = c
+                .request(
+                    Method::POST,
+                    &format!("/trackers/{}/fields", enc(&tracker)),
+                    Some(f),
+                )
+                .await?;
+            print_tracker(&t, json);
+        }
+        TrackerCmd::Policy { tracker, policy } => {
+            let t = c
+                .request(
+                    Method::PATCH,
+                    &format!("/trackers/{}", enc(&tracker)),
+                    Some(json!({"conflict_policy": policy})),
+                )
+                .await?;
+            println!(
+                "{}: conflict policy {}",
+                t["name"].as_str().unwrap_or(""),
+                t["conflict_policy"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn item_command(c: &Client, cmd: ItemCmd) -> Result<()> {
+    match cmd {
+        ItemCmd::Add {
+            tracker,
+            values,
+            json,
+        } => {
+            let t = c.get(&format!("/trackers/{}", enc(&tracker))).await?;
+            let fields = values::parse_assignments(
+                &values,
+                t["fields"].as_array().map_or(&[], Vec::as_slice),
+            )?;
+            let item = c
+                .request(
+                    Method::POST,
+                    &format!("/trackers/{}/items", enc(&tracker)),
+                    Some(json!({"fields": fields})),
+                )
+                .await?;
+            print_item(&item, json);
+        }
+        ItemCmd::Get { item, json } => {
+            print_item(&c.get(&format!("/items/{}", enc(&item))).await?, json)
+        }
+        ItemCmd::Set { item, values, json } => {
+            let current = c.get(&format!("/items/{}", enc(&item))).await?;
+            let t = c
+                .get(&format!(
+                    "/trackers/{}",
+                    current["tracker"].as_str().unwrap_or("")
+                ))
+                .await?;
+            let fields = values::parse_assignments(
+                &values,
+                t["fields"].as_array().map_or(&[], Vec::as_slice),
+            )?;
+            let updated = c
+                .request(
+                    Method::PATCH,
+                    &format!("/items/{}", enc(&item)),
+                    Some(json!({"fields": fields})),
+                )
+                .await?;
+            print_item(&updated, json);
+        }
+        ItemCmd::List {
+            tracker,
+            limit,
+            after,
+            deleted,
+            all,
+            json,
+        } => {
+            let mut after = after;
+            let mut items = Vec::new();
+            loop {
+                let mut path = format!(
+                    "/trackers/{}/items?limit={limit}&deleted={deleted}",
+                    enc(&tracker)
+                );
+                if let Some(a) = &after {
+                    path.push_str(&format!("&after={}", enc(a)));
+                }
+                let page = c.get(&path).await?;
+                items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                match page["next"].as_str() {
+                    Some(n) if all => after = Some(n.to_string()),
+                    next => {
+                        if json {
+                            print_json(&json!({"items": items, "next": next}));
+                        } else {
+                            for i in &items {
+                                println!("{}", item_line(i));
+                            }
+                            if let Some(n) = next {
+                                eprintln!("more: --after {n} (or --all)");
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        ItemCmd::Delete { item, json } => print_item(
+            &c.request(Method::DELETE, &format!("/items/{}", enc(&item)), None)
+                .await?,
+            json,
+        ),
+        ItemCmd::Restore { item, json } => print_item(
+            &c.request(
+                Method::POST,
+                &format!("/items/{}/restore", enc(&item)),
+                None,
+            )
+            .await?,
+            json,
+        ),
+        ItemCmd::History { item, json } => {
+            let h = c.get(&format!("/items/{}/history", enc(&item))).await?;
+            if json {
+                print_json(&h);
+            } else {
+                for e in h.as_array().into_iter().flatten() {
+                    let mut what: Vec<String> = e["fields"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| format!("{k}={}", show(v)))
+                        .collect();
+                    match e["deleted"].as_bool() {
+                        Some(true) => what.push("(deleted)".into()),
+                        Some(false) => what.push("(restored)".into()),
+                        None => {}
+                    }
+                    println!("{}  {}", e["hlc"].as_str().unwrap_or(""), what.join("  "));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn conflicts_command(c: &Client, a: ConflictsArgs) -> Result<()> {
+    if let Some(r) = a.restore {
+        let item = a.item.context("--restore needs the ITEM")?;
+        let updated = c
+            .request(
+                Method::POST,
+                &format!("/items/{}/conflicts/restore", enc(&item)),
+                Some(json!({"field": r[0], "hlc": r[1]})),
+            )
+            .await?;
+        print_item(&updated, a.json);
+        return Ok(());
+    }
+    let list = match (&a.item, &a.tracker) {
+        (Some(item), _) => c.get(&format!("/items/{}/conflicts", enc(item))).await?,
+        (None, Some(t)) => c.get(&format!("/trackers/{}/conflicts", enc(t))).await?,
+        (None, None) => bail!("name an ITEM or pass --tracker TRACKER"),
+    };
+    if a.json {
+        print_json(&list);
+        return Ok(());
+    }
+    let entries = list.as_array().cloned().unwrap_or_default();
+    if entries.is_empty() {
+        println!("no conflicts");
+    }
+    for e in entries {
+        let item = e["item"]
+            .as_str()
+            .map(|i| format!("{i} "))
+            .unwrap_or_default();
+        let w = &e["winner"];
+        println!(
+            "{item}{}: {} (wins, {} by {})",
+            e["field"].as_str().unwrap_or(""),
+            show(&w["value"]),
+            w["hlc"].as_str().unwrap_or(""),
+            w["node"].as_str().unwrap_or("")
+        );
+        for l in e["losers"].as_array().into_iter().flatten() {
+            println!(
+                "    lost: {}  hlc {}  by {}",
+                show(&l["value"]),
+                l["hlc"].as_str().unwrap_or(""),
+                l["node"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encode a path segment (names and ids are plain, but be safe with user input).
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+fn print_json(v: &Json) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn show(v: &Json) -> String {
+    match v {
+        Json::String(s) => s.clone(),
+        Json::Null => "(empty)".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_tracker(t: &Json, json: bool) {
+    if json {
+        return print_json(t);
+    }
+    println!(
+        "{}  ({}, conflict policy {})",
+        t["name"].as_str().unwrap_or(""),
+        t["id"].as_str().unwrap_or(""),
+        t["conflict_policy"].as_str().unwrap_or("")
+    );
+    for f in t["fields"].as_array().into_iter().flatten() {
+        let opts: Vec<&str> = f["options"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Json::as_str)
+            .collect();
+        println!(
+            "  {:<16} {:<12}{}{}",
+            f["name"].as_str().unwrap_or(""),
+            f["type"].as_str().unwrap_or(""),
+            if f["required"].as_bool() == Some(true) {
+                " required"
+            } else {
+                ""
+            },
+            if opts.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", opts.join(", "))
+            }
+        );
+    }
+}
+
+fn item_line(i: &Json) -> String {
+    let fields: Vec<String> = i["fields"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", show(v)))
+        .collect();
+    format!(
+        "{:<16} {}{}",
+        i["display_id"].as_str().unwrap_or(""),
+        fields.join("  "),
+        if i["deleted"].as_bool() == Some(true) {
+            "  (deleted)"
+        } else {
+            ""
+        }
+    )
+}
+
+fn print_item(i: &Json, json: bool) {
+    if json {
+        return print_json(i);
+    }
+    println!(
+        "{}  {}{}",
+        i["display_id"].as_str().unwrap_or(""),
+        i["id"].as_str().unwrap_or(""),
+        if i["deleted"].as_bool() == Some(true) {
+            "  (deleted)"
+        } else {
+            ""
+        }
+    );
+    for (k, v) in i["fields"].as_object().into_iter().flatten() {
+        println!("  {k:<16} {}", show(v));
+    }
+    println!(
+        "  created {}  updated {}",
+        i["created"].as_str().unwrap_or(""),
+        i["updated"].as_str().unwrap_or("")
+    );
+}

@@ -1,0 +1,100 @@
+//! Prometheus metrics for `/metrics`. Store-derived figures are read at scrape time; request
+//! counts are kept here.
+
+use axum::http::StatusCode;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::repo::Repo;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusClass {
+    class: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<StatusClass, Counter>,
+    items: Gauge,
+    trackers: Gauge,
+    flushes: Gauge,
+    last_seq: Gauge,
+    disk_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("trackersync");
+        let requests = Family::<StatusClass, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Local API requests by status class",
+            requests.clone(),
+        );
+        let items = Gauge::default();
+        registry.register("items", "Live (not deleted) items", items.clone());
+        let trackers = Gauge::default();
+        registry.register("trackers", "Trackers", trackers.clone());
+        let flushes = Gauge::default();
+        registry.register(
+            "store_flushes",
+            "Store flushes (fsyncs) since start; each covers a group of writes",
+            flushes.clone(),
+        );
+        let last_seq = Gauge::default();
+        registry.register(
+            "change_seq",
+            "Last local change sequence number",
+            last_seq.clone(),
+        );
+        let disk_bytes = Gauge::default();
+        registry.register(
+            "store_disk_bytes",
+            "Bytes the store occupies on disk",
+            disk_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            items,
+            trackers,
+            flushes,
+            last_seq,
+            disk_bytes,
+        }
+    }
+
+    pub fn count_request(&self, status: StatusCode) {
+        let class = match status.as_u16() {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        self.requests.get_or_create(&StatusClass { class }).inc();
+    }
+
+    pub fn render(&self, repo: &Repo) -> String {
+        let store = repo.store();
+        self.items.set(store.live_items() as i64);
+        self.trackers.set(store.tracker_count() as i64);
+        self.flushes.set(store.flush_count() as i64);
+        self.last_seq.set(store.last_seq() as i64);
+        self.disk_bytes
+            .set(store.size_on_disk().unwrap_or(0) as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
