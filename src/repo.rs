@@ -92,6 +92,37 @@ struct Loaded {
 
 type Slot = Arc<Mutex<Option<Loaded>>>;
 
+/// How a document write is indexed by the store.
+struct Indexing {
+    kind: DocKind,
+    tracker: Uuid,
+    deleted: bool,
+    display_id: Option<String>,
+    tracker_name: Option<String>,
+}
+
+impl Indexing {
+    fn tracker(id: Uuid) -> Self {
+        Indexing {
+            kind: DocKind::Tracker,
+            tracker: id,
+            deleted: false,
+            display_id: None,
+            tracker_name: None,
+        }
+    }
+
+    fn item(tracker: Uuid, deleted: bool) -> Self {
+        Indexing {
+            kind: DocKind::Item,
+            tracker,
+            deleted,
+            display_id: None,
+            tracker_name: None,
+        }
+    }
+}
+
 pub struct Repo {
     node: NodeId,
     store: Store,
@@ -214,16 +245,7 @@ impl Repo {
     }
 
     /// Commit the document's latest change to the store. On failure the cached copy is dropped.
-    fn persist(
-        &self,
-        id: Uuid,
-        slot: &mut Option<Loaded>,
-        kind: DocKind,
-        tracker: Uuid,
-        deleted: bool,
-        display_id: Option<String>,
-        tracker_name: Option<String>,
-    ) -> Result<Ticket> {
+    fn persist(&self, id: Uuid, slot: &mut Option<Loaded>, index: Indexing) -> Result<Ticket> {
         let loaded = slot
             .as_mut()
             .expect("persist is called on a loaded document");
@@ -236,13 +258,13 @@ impl Repo {
         let heads = heads_of(&mut loaded.doc);
         let write = DocWrite {
             id,
-            kind,
-            tracker,
-            deleted,
+            kind: index.kind,
+            tracker: index.tracker,
+            deleted: index.deleted,
             heads,
             data,
-            display_id,
-            tracker_name,
+            display_id: index.display_id,
+            tracker_name: index.tracker_name,
             hlc: self.clock_last(),
         };
         match self.store.commit(write) {
@@ -331,11 +353,10 @@ impl Repo {
         let ticket = self.persist(
             id,
             &mut guard,
-            DocKind::Tracker,
-            id,
-            false,
-            None,
-            Some(name.to_string()),
+            Indexing {
+                tracker_name: Some(name.to_string()),
+                ..Indexing::tracker(id)
+            },
         )?;
         drop(guard);
         self.store.wait_durable(ticket)?;
@@ -361,7 +382,7 @@ impl Repo {
             *guard = None;
             return Err(e);
         }
-        let ticket = self.persist(id, &mut guard, DocKind::Tracker, id, false, None, None)?;
+        let ticket = self.persist(id, &mut guard, Indexing::tracker(id))?;
         drop(guard);
         self.store.wait_durable(ticket)?;
         self.refresh_tracker(id)
@@ -431,11 +452,10 @@ impl Repo {
         let ticket = self.persist(
             id,
             &mut guard,
-            DocKind::Item,
-            tracker.id,
-            false,
-            Some(display),
-            None,
+            Indexing {
+                display_id: Some(display),
+                ..Indexing::item(tracker.id, false)
+            },
         )?;
         drop(guard);
         self.finish(ticket, &view)?;
@@ -502,15 +522,7 @@ impl Repo {
                 return Err(e);
             }
         };
-        let ticket = self.persist(
-            id,
-            &mut guard,
-            DocKind::Item,
-            view.tracker,
-            view.deleted,
-            None,
-            None,
-        )?;
+        let ticket = self.persist(id, &mut guard, Indexing::item(view.tracker, view.deleted))?;
         drop(guard);
         self.finish(ticket, &view)?;
         Ok(view)

@@ -1,0 +1,8 @@
+//! One integration test binary: real `trackersync` processes, real sled on disk, driven through
+//! the CLI and the local API.
+
+mod support;
+
+mod api;
+mod cli;
+mod crash;

@@ -1,0 +1,172 @@
+//! Helpers so a new test is a few lines: start a real node process on a temporary data
+//! directory, call its API, run CLI commands against it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_trackersync");
+/// How long a node may take to start before a test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct TestNode {
+    pub dir: PathBuf,
+    pub child: Child,
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::Client,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    pub async fn start() -> TestNode {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("node");
+        let mut n = TestNode::start_in(&dir).await;
+        n._tmp = Some(tmp);
+        n
+    }
+
+    /// Start a node on `dir` (kept by the caller across restarts).
+    pub async fn start_in(dir: &Path) -> TestNode {
+        let addr_file = dir.join("api-addr");
+        // A node killed with SIGKILL leaves its api-addr behind; wait for the new one.
+        let _ = std::fs::remove_file(&addr_file);
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--api",
+                "127.0.0.1:0",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--data",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn trackersync serve");
+        let addr = wait_for_file(&addr_file, START_TIMEOUT).await;
+        let token = std::fs::read_to_string(dir.join("api-token")).expect("api-token");
+        TestNode {
+            dir: dir.to_path_buf(),
+            child,
+            base: format!("http://{}", addr.trim()),
+            token: token.trim().to_string(),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client"),
+            _tmp: None,
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("kill node");
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Json>,
+    ) -> (u16, Json) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request reaches the node");
+        let status = res.status().as_u16();
+        let text = res.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Json::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Json) {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Json) -> (u16, Json) {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Json) -> (u16, Json) {
+        self.request(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
+    /// Run a CLI command against this node's data directory.
+    pub async fn cli(&self, args: &[&str]) -> CliOutput {
+        run_cli(&self.dir, args).await
+    }
+
+    pub async fn cases_tracker(&self) -> Json {
+        let (s, t) = self
+            .post(
+                "/api/v1/trackers",
+                serde_json::json!({"name": "cases", "fields": [
+                    {"name": "name", "type": "text", "required": true},
+                    {"name": "age", "type": "number"},
+                    {"name": "status", "type": "choice", "options": ["open", "closed"]},
+                ]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{t}");
+        t
+    }
+}
+
+pub struct CliOutput {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn json(&self) -> Json {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+pub async fn run_cli(dir: &Path, args: &[&str]) -> CliOutput {
+    let out = Command::new(BIN)
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .output()
+        .await
+        .expect("run trackersync");
+    CliOutput {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Wait until `path` exists with content, polling (a file has no event to wait on).
+pub async fn wait_for_file(path: &Path, timeout: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return s;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
