@@ -1,1 +1,423 @@
-fn main() {}
+//! trackersync benchmarks. Prints one JSON line per figure. Build first:
+//! `cargo build --release`, then `target/release/trackersync-bench local` (single node:
+//! API write throughput, cold start, RSS, bytes on disk).
+//!
+//! Figures are measurements, not assertions: the machine is shared, so they vary by run.
+
+mod workload;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value as Json};
+use tokio::process::{Child, Command};
+
+#[derive(Parser)]
+#[command(about = "trackersync benchmarks (JSON lines on stdout)")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Single node: acknowledged writes/s through the API, cold start and RSS by store size,
+    /// bytes on disk per item.
+    Local {
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Store sizes for cold start (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+        items: Vec<u64>,
+        /// Concurrent API clients (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        clients: Vec<usize>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Local {
+            seconds,
+            items,
+            clients,
+        } => local(seconds, &items, &clients).await,
+    }
+}
+
+fn emit(v: Json) {
+    println!("{v}");
+}
+
+/// The `trackersync` binary next to this one (same target directory).
+fn node_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("trackersync");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --release` first",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Result<Scratch> {
+        let p =
+            std::env::temp_dir().join(format!("trackersync-bench-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(Scratch(p))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct RunningNode {
+    child: Child,
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::Client,
+    pub started_in: Duration,
+}
+
+impl RunningNode {
+    pub async fn start(dir: &Path, extra: &[&str]) -> Result<RunningNode> {
+        let addr_file = dir.join("api-addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let t0 = Instant::now();
+        let child = Command::new(node_binary()?)
+            .args(["serve", "--api", "127.0.0.1:0", "--no-mdns", "--data"])
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let addr = loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file) {
+                if !s.trim().is_empty() {
+                    break s;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("node did not start within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let token = std::fs::read_to_string(dir.join("api-token"))?
+            .trim()
+            .to_string();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(64)
+            .build()?;
+        let base = format!("http://{}", addr.trim());
+        let status = http
+            .get(format!("{base}/api/v1/status"))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        if !status.status().is_success() {
+            bail!("status answered {}", status.status());
+        }
+        Ok(RunningNode {
+            child,
+            base,
+            token,
+            http,
+            started_in: t0.elapsed(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// (current RSS, peak RSS) in MiB from /proc.
+    pub fn rss_mb(&self) -> (f64, f64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map_or(0.0, |kb| kb / 1024.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// The node's flush count, from /metrics.
+    pub async fn flushes(&self) -> f64 {
+        let Ok(res) = self.http.get(format!("{}/metrics", self.base)).send().await else {
+            return 0.0;
+        };
+        let text = res.text().await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("trackersync_store_flushes "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// CPU seconds (user + system) the node process has used.
+    pub fn cpu_s(&self) -> f64 {
+        proc_cpu_s(self.pid())
+    }
+
+    pub async fn post(&self, path: &str, body: &Json) -> Result<Json> {
+        let res = self
+            .http
+            .post(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("POST {path}: {}", res.status());
+        }
+        Ok(res.json().await?)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// CPU seconds (user + system) of a process, from /proc (clock ticks at 100 Hz).
+fn proc_cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            total += if md.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                md.len()
+            };
+        }
+    }
+    total
+}
+
+/// Run `clients` loops for `seconds`, each sending the request `make(i)` builds; count
+/// acknowledged (2xx) answers.
+async fn hammer(
+    node: &RunningNode,
+    clients: usize,
+    seconds: f64,
+    make: impl Fn(&reqwest::Client, &str, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
+) -> Result<(u64, f64, Vec<String>)> {
+    let make = Arc::new(make);
+    let counter = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, base, token, make, counter) = (
+            node.http.clone(),
+            node.base.clone(),
+            node.token.clone(),
+            make.clone(),
+            counter.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut acked = 0u64;
+            while Instant::now() < deadline {
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                let res = make(&http, &base, i).bearer_auth(&token).send().await?;
+                if res.status().is_success() {
+                    acked += 1;
+                    let body: Json = res.json().await?;
+                    if let Some(id) = body["id"].as_str() {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+            anyhow::Ok((acked, ids))
+        }));
+    }
+    let mut total = 0;
+    let mut all_ids = Vec::new();
+    for t in tasks {
+        let (a, ids) = t.await??;
+        total += a;
+        all_ids.extend(ids);
+    }
+    Ok((total, t0.elapsed().as_secs_f64(), all_ids))
+}
+
+async fn local(seconds: f64, sizes: &[u64], clients: &[usize]) -> Result<()> {
+    let scratch = Scratch::new("local")?;
+    let node = RunningNode::start(&scratch.0.join("api"), &[]).await?;
+    node.post("/trackers", &workload::tracker_body()).await?;
+    let mut ids: Vec<String> = Vec::new();
+    for &c in clients {
+        let (cpu0, me0, fl0) = (
+            node.cpu_s(),
+            proc_cpu_s(std::process::id()),
+            node.flushes().await,
+        );
+        let (acked, secs, new_ids) = hammer(&node, c, seconds, |http, base, i| {
+            http.post(format!("{base}/api/v1/trackers/cases/items"))
+                .json(&json!({"fields": workload::record(i)}))
+        })
+        .await?;
+        ids.extend(new_ids);
+        let (cpu1, me1, fl1) = (
+            node.cpu_s(),
+            proc_cpu_s(std::process::id()),
+            node.flushes().await,
+        );
+        emit(
+            json!({"bench": "api_create", "clients": c, "acked": acked, "seconds": secs, "per_s": acked as f64 / secs,
+            "node_cpu_us_per_write": (cpu1 - cpu0) * 1e6 / acked as f64, "client_cpu_us_per_write": (me1 - me0) * 1e6 / acked as f64, "writes_per_flush": acked as f64 / (fl1 - fl0).max(1.0)}),
+        );
+        let targets = Arc::new(ids.clone());
+        let (acked, secs, _) = hammer(&node, c, seconds, move |http, base, i| {
+            let id = &targets[(i as usize * 7919) % targets.len()];
+            http.patch(format!("{base}/api/v1/items/{id}"))
+                .json(&json!({"fields": {"status": workload::STATUS[(i % 5) as usize]}}))
+        })
+        .await?;
+        let (cpu2, me2, fl2) = (
+            node.cpu_s(),
+            proc_cpu_s(std::process::id()),
+            node.flushes().await,
+        );
+        emit(
+            json!({"bench": "api_edit", "clients": c, "acked": acked, "seconds": secs, "per_s": acked as f64 / secs,
+            "node_cpu_us_per_write": (cpu2 - cpu1) * 1e6 / acked as f64, "client_cpu_us_per_write": (me2 - me1) * 1e6 / acked as f64, "writes_per_flush": acked as f64 / (fl2 - fl1).max(1.0)}),
+        );
+    }
+    let (rss, peak) = node.rss_mb();
+    emit(json!({"bench": "api_node_rss", "items": ids.len(), "rss_mb": rss, "peak_rss_mb": peak}));
+    node.stop().await;
+
+    for &n in sizes {
+        let dir = scratch.0.join(format!("store-{n}"));
+        let t0 = Instant::now();
+        seed_store(&dir, n).await?;
+        let seed_s = t0.elapsed().as_secs_f64();
+        let bytes = dir_bytes(&dir.join("db"));
+        emit(
+            json!({"bench": "seed_store", "items": n, "seconds": seed_s, "per_s": n as f64 / seed_s,
+            "disk_bytes": bytes, "disk_bytes_per_item": bytes as f64 / n as f64}),
+        );
+        let node = RunningNode::start(&dir, &[]).await?;
+        let (rss, peak) = node.rss_mb();
+        let status: Json = node
+            .http
+            .get(format!("{}/api/v1/status", node.base))
+            .bearer_auth(&node.token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if status["items"].as_u64() != Some(n) {
+            bail!("store of {n} reports {} items", status["items"]);
+        }
+        // A read of a cold item after start, as a user's first request would be.
+        let t1 = Instant::now();
+        let page: Json = node
+            .http
+            .get(format!(
+                "{}/api/v1/trackers/cases/items?limit=10",
+                node.base
+            ))
+            .bearer_auth(&node.token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let first_read_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        if page["items"].as_array().map_or(0, Vec::len) != 10.min(n as usize) {
+            bail!("listing a store of {n} returned {page}");
+        }
+        emit(
+            json!({"bench": "cold_start", "items": n, "start_s": node.started_in.as_secs_f64(), "rss_mb": rss, "peak_rss_mb": peak, "first_page_ms": first_read_ms}),
+        );
+        node.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Fill a store with `n` workload records in-process, through the repo's normal durable write
+/// path (several writers so group commit shares flushes).
+async fn seed_store(dir: &Path, n: u64) -> Result<()> {
+    use trackersync::config::{Identity, DIR_DB};
+    use trackersync::hlc::SystemClock;
+    use trackersync::repo::Repo;
+    let identity = Identity::init(dir)?;
+    let repo = Arc::new(Repo::open(
+        &dir.join(DIR_DB),
+        identity.node,
+        Arc::new(SystemClock::default()),
+        trackersync::hlc::DEFAULT_MAX_DRIFT_MS,
+    )?);
+    let body = workload::tracker_body();
+    let fields = body["fields"]
+        .as_array()
+        .context("fields")?
+        .iter()
+        .map(|f| {
+            let mut f = f.clone();
+            f["label"] = f["name"].clone();
+            f["required"] = json!(f["required"].as_bool().unwrap_or(false));
+            f["options"] = f.get("options").cloned().unwrap_or(json!([]));
+            serde_json::from_value::<trackersync::model::FieldDef>(f).context("field")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    repo.create_tracker("cases", fields, Default::default())?;
+    const WRITERS: u64 = 16;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..WRITERS {
+        let (repo, next) = (repo.clone(), next.clone());
+        threads.push(std::thread::spawn(move || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok(());
+                }
+                repo.create_item("cases", workload::record(i))?;
+            }
+        }));
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("seeding thread panicked"))??;
+    }
+    repo.store().flush()?;
+    Ok(())
+}

@@ -12,7 +12,7 @@ use serde_json::Value as Json;
 use uuid::Uuid;
 
 use crate::hlc::{Hlc, NodeId};
-use crate::item::{actor_for, ItemError};
+use crate::item::{ItemError, RootBuilder};
 use crate::model::{ConflictPolicy, FieldDef, FieldType, Tracker};
 use crate::register;
 
@@ -35,6 +35,18 @@ struct StoredField {
 }
 
 /// A borrowed view of a document with its operations.
+fn field_cell(hlc: Hlc, f: &FieldDef, pos: &str) -> Vec<u8> {
+    let stored = StoredField {
+        ty: f.ty,
+        label: f.label.clone(),
+        required: f.required,
+        options: f.options.clone(),
+        pos: pos.to_string(),
+    };
+    let json = serde_json::to_value(stored).expect("field definition serializes");
+    register::encode(hlc, Some(&json))
+}
+
 pub struct TrackerDoc<'a> {
     doc: &'a mut AutoCommit,
 }
@@ -47,24 +59,25 @@ impl<'a> TrackerDoc<'a> {
         fields: &[FieldDef],
         policy: ConflictPolicy,
     ) -> Result<AutoCommit, ItemError> {
-        let mut doc = AutoCommit::new().with_actor(actor_for(node));
-        doc.put(ROOT, KEY_ORIGIN, node.to_string())?;
-        doc.put(ROOT, KEY_CREATED, register::encode(hlc, None))?;
-        doc.put(
-            ROOT,
+        let mut root = RootBuilder::default();
+        root.str(KEY_ORIGIN, node.to_string());
+        root.bytes(KEY_CREATED, register::encode(hlc, None));
+        root.bytes(
             KEY_NAME,
             register::encode(hlc, Some(&Json::String(name.into()))),
-        )?;
-        doc.put(
-            ROOT,
+        );
+        root.bytes(
             KEY_POLICY,
             register::encode(hlc, Some(&Json::String(policy.name().into()))),
-        )?;
-        let mut t = TrackerDoc { doc: &mut doc };
+        );
         for (i, f) in fields.iter().enumerate() {
             // Fields created together keep their given order: same stamp, position suffix.
-            t.put_field(hlc, f, &format!("{hlc}/{i:04}"))?;
+            root.bytes(
+                &format!("{FIELD_PREFIX}{}", f.name),
+                field_cell(hlc, f, &format!("{hlc}/{i:04}")),
+            );
         }
+        let mut doc = root.build(node)?;
         doc.commit_with(CommitOptions::default().with_time((hlc.wall_ms / 1000) as i64));
         Ok(doc)
     }

@@ -24,12 +24,18 @@
 //! before it began. All calls block; async callers use `spawn_blocking`.
 
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use crate::hlc::Hlc;
+
+/// Longest a flush leader waits for writers already under way to apply their batches, so one
+/// fsync covers them too (PostgreSQL's `commit_delay`). A lone writer never waits.
+const GROUP_COMMIT_WAIT: Duration = Duration::from_micros(300);
 
 /// sled's page cache. Documents are cached decoded by the repo; this only needs the hot pages.
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -43,10 +49,10 @@ const P_TRACKER_NAME: u8 = b'N';
 const P_ITEM_INDEX: u8 = b'I';
 const P_DISPLAY: u8 = b'D';
 
-const META_HLC: &[u8] = b"Mhlc";
-const META_ITEMS: &[u8] = b"Mitems";
-const META_TRACKERS: &[u8] = b"Mtrackers";
-const META_DISPLAY: &[u8] = b"Mdisplay";
+/// Counters and the clock high-water mark, in one key so a write updates one record:
+/// version u8, live items u64, trackers u64, display counter u64, HLC (28 bytes).
+const META_STATE: &[u8] = b"Mstate";
+const STATE_LEN: usize = 1 + 8 + 8 + 8 + crate::hlc::HLC_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -175,7 +181,30 @@ struct CommitState {
     next_seq: u64,
     live_items: u64,
     trackers: u64,
+    /// Highest display number persisted.
+    display: u64,
     hlc: Hlc,
+}
+
+impl CommitState {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(STATE_LEN);
+        out.push(1);
+        out.extend_from_slice(&self.live_items.to_be_bytes());
+        out.extend_from_slice(&self.trackers.to_be_bytes());
+        out.extend_from_slice(&self.display.to_be_bytes());
+        out.extend_from_slice(&self.hlc.to_bytes());
+        out
+    }
+
+    /// (live items, trackers, display, hlc)
+    fn decode(b: &[u8]) -> Option<(u64, u64, u64, Hlc)> {
+        if b.len() != STATE_LEN || b[0] != 1 {
+            return None;
+        }
+        let n = |at: usize| b[at..at + 8].try_into().ok().map(u64::from_be_bytes);
+        Some((n(1)?, n(9)?, n(17)?, Hlc::from_bytes(&b[25..])?))
+    }
 }
 
 struct FlushState {
@@ -192,6 +221,10 @@ pub struct Store {
     applied: AtomicU64,
     flush: Mutex<FlushState>,
     flushed_cv: Condvar,
+    /// Signalled when a batch is applied (wakes a flush leader waiting for its group).
+    applied_cv: Condvar,
+    /// Writes between [`Store::begin_write`] and the end of their durability wait.
+    writers: AtomicUsize,
     display_next: AtomicU64,
     flushes: AtomicU64,
 }
@@ -205,21 +238,13 @@ fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
-fn read_u64(db: &sled::Db, k: &[u8]) -> Result<u64> {
-    Ok(match db.get(k)? {
-        Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-            key: String::from_utf8_lossy(k).into_owned(),
-            what: "counter is not 8 bytes",
-        })?),
-        None => 0,
-    })
-}
-
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(SLED_CACHE_BYTES)
+            // Measured on this workload: less CPU and less disk per write than LowSpace.
+            .mode(sled::Mode::HighThroughput)
             // We flush on demand before acknowledging; a timer flush would only add fsyncs.
             .flush_every_ms(None)
             .open()?;
@@ -233,17 +258,21 @@ impl Store {
             }
             None => 1,
         };
-        let hlc = db
-            .get(META_HLC)?
-            .and_then(|v| Hlc::from_bytes(&v))
-            .unwrap_or_default();
+        let (live_items, trackers, display, hlc) = match db.get(META_STATE)? {
+            None => (0, 0, 0, Hlc::default()),
+            Some(v) => CommitState::decode(&v).ok_or(StoreError::Corrupt {
+                key: "Mstate".into(),
+                what: "node state record",
+            })?,
+        };
         let state = CommitState {
             next_seq,
-            live_items: read_u64(&db, META_ITEMS)?,
-            trackers: read_u64(&db, META_TRACKERS)?,
+            live_items,
+            trackers,
+            display,
             hlc,
         };
-        let display_next = read_u64(&db, META_DISPLAY)? + 1;
+        let display_next = display + 1;
         Ok(Store {
             db,
             commit: Mutex::new(state),
@@ -254,6 +283,8 @@ impl Store {
                 last_error: None,
             }),
             flushed_cv: Condvar::new(),
+            applied_cv: Condvar::new(),
+            writers: AtomicUsize::new(0),
             display_next: AtomicU64::new(display_next),
             flushes: AtomicU64::new(0),
         })
@@ -364,33 +395,40 @@ impl Store {
         }
         batch.insert(key(P_SEQ, &[&seq.to_be_bytes()]), id.as_bytes().as_slice());
 
-        let (mut live, mut trackers) = (st.live_items, st.trackers);
+        let mut next = CommitState {
+            next_seq: st.next_seq + 1,
+            live_items: st.live_items,
+            trackers: st.trackers,
+            display: st.display,
+            hlc: st.hlc.max(w.hlc),
+        };
         match w.kind {
             DocKind::Item => {
-                batch.insert(
-                    key(P_ITEM_INDEX, &[w.tracker.as_bytes(), id.as_bytes()]),
-                    &[w.deleted as u8],
-                );
+                if old.as_ref().is_none_or(|m| m.deleted != w.deleted) {
+                    batch.insert(
+                        key(P_ITEM_INDEX, &[w.tracker.as_bytes(), id.as_bytes()]),
+                        &[w.deleted as u8],
+                    );
+                }
                 let was_live = old.as_ref().is_some_and(|m| !m.deleted);
                 match (was_live, !w.deleted) {
-                    (false, true) => live += 1,
-                    (true, false) => live = live.saturating_sub(1),
+                    (false, true) => next.live_items += 1,
+                    (true, false) => next.live_items = next.live_items.saturating_sub(1),
                     _ => {}
                 }
-                batch.insert(META_ITEMS, &live.to_be_bytes());
             }
             DocKind::Tracker => {
                 if old.is_none() {
-                    trackers += 1;
+                    next.trackers += 1;
                     batch.insert(key(P_TRACKER, &[id.as_bytes()]), &[]);
-                    batch.insert(META_TRACKERS, &trackers.to_be_bytes());
                 }
             }
         }
         if let Some(d) = &w.display_id {
             batch.insert(key(P_DISPLAY, &[d.as_bytes()]), id.as_bytes().as_slice());
-            let n = self.display_next.load(Ordering::SeqCst).saturating_sub(1);
-            batch.insert(META_DISPLAY, &n.to_be_bytes());
+            next.display = next
+                .display
+                .max(self.display_next.load(Ordering::SeqCst).saturating_sub(1));
         }
         if let Some(name) = &w.tracker_name {
             batch.insert(
@@ -398,17 +436,20 @@ impl Store {
                 id.as_bytes().as_slice(),
             );
         }
-        let hlc = st.hlc.max(w.hlc);
-        if hlc > st.hlc {
-            batch.insert(META_HLC, hlc.to_bytes().as_slice());
+        // The state record is a hot key; rewrite it only when a counter moves. The clock
+        // high-water mark rides along; between rewrites it is recovered at open from the
+        // document written last (see `Store::last_written`).
+        if (next.live_items, next.trackers, next.display)
+            != (st.live_items, st.trackers, st.display)
+        {
+            batch.insert(META_STATE, next.encode());
         }
 
         self.db.apply_batch(batch)?;
-        st.next_seq += 1;
-        st.live_items = live;
-        st.trackers = trackers;
-        st.hlc = hlc;
+        *st = next;
         let ticket = Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
+        drop(st);
+        self.applied_cv.notify_all();
         Ok((ticket, meta))
     }
 
@@ -422,6 +463,23 @@ impl Store {
             }
             if !st.in_progress {
                 st.in_progress = true;
+                // Let writers already under way apply first, so this flush covers them too.
+                let deadline = Instant::now() + GROUP_COMMIT_WAIT;
+                loop {
+                    let pending = self
+                        .applied
+                        .load(Ordering::SeqCst)
+                        .saturating_sub(st.flushed);
+                    let now = Instant::now();
+                    if self.writers.load(Ordering::SeqCst) as u64 <= pending || now >= deadline {
+                        break;
+                    }
+                    st = self
+                        .applied_cv
+                        .wait_timeout(st, deadline - now)
+                        .expect("flush lock")
+                        .0;
+                }
                 // Every ticket handed out so far belongs to a batch already applied.
                 let target = self.applied.load(Ordering::SeqCst);
                 drop(st);
@@ -452,10 +510,28 @@ impl Store {
         }
     }
 
-    /// Flush everything (shutdown).
+    /// Register a write that will commit and wait for durability; the group-commit leader
+    /// waits (briefly) for registered writers to apply before flushing.
+    pub fn begin_write(&self) -> WriteGuard<'_> {
+        self.writers.fetch_add(1, Ordering::SeqCst);
+        WriteGuard(self)
+    }
+
+    /// Flush everything (shutdown), with the state record current.
     pub fn flush(&self) -> Result<()> {
+        let st = self.commit.lock().expect("commit lock");
+        self.db.insert(META_STATE, st.encode())?;
+        drop(st);
         self.db.flush()?;
         Ok(())
+    }
+
+    /// The document written last (highest change sequence number), if any.
+    pub fn last_written(&self) -> Result<Option<Uuid>> {
+        match self.db.scan_prefix([P_SEQ]).next_back() {
+            Some(kv) => Ok(Some(uuid_at(&kv?.1, 0)?)),
+            None => Ok(None),
+        }
     }
 
     pub fn tracker_ids(&self) -> Result<Vec<Uuid>> {
@@ -516,6 +592,15 @@ impl Store {
             out.push(uuid_at(&k, 17)?);
         }
         Ok((out, false))
+    }
+}
+
+/// Ends a write's registration with the group commit (see [`Store::begin_write`]).
+pub struct WriteGuard<'a>(&'a Store);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.0.writers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
