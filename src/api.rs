@@ -77,10 +77,10 @@ pub fn router(state: AppState) -> Router {
         .route("/items/{id}/conflicts", get(item_conflicts))
         .route("/items/{id}/conflicts/restore", post(restore_conflict))
         .route("/events", get(events))
-        .route("/peers", get(not_yet).post(not_yet))
+        .route("/peers", get(list_peers).post(add_peer))
         .route(
             "/peers/{peer}",
-            axum::routing::patch(not_yet).delete(not_yet),
+            axum::routing::patch(update_peer).delete(remove_peer),
         )
         .route("/sync", post(not_yet))
         .route("/log", get(not_yet))

@@ -47,6 +47,43 @@ pub enum Command {
     Item(ItemCmd),
     /// Show fields with concurrent values (one item, or a whole tracker), or restore a losing value.
     Conflicts(ConflictsArgs),
+    /// Authorize, list, change and revoke peers.
+    #[command(subcommand)]
+    Peer(PeerCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PeerCmd {
+    /// Authorize a peer: a multiaddr ending in /p2p/<PeerId> (or a bare PeerId found by mDNS).
+    Add {
+        peer: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// both (default), pull (only take its changes) or push (only send ours).
+        #[arg(long)]
+        mode: Option<String>,
+        /// Refuse this peer's changes; it may still pull ours.
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List authorized peers and whether they are connected.
+    List(JsonFlag),
+    /// Change a peer's name, mode or read-only flag.
+    Update {
+        peer: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        mode: Option<String>,
+        #[arg(long)]
+        read_only: Option<bool>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a peer: it is disconnected at once and syncs nothing more.
+    Remove { peer: String },
 }
 
 #[derive(Args, Debug)]
@@ -287,6 +324,7 @@ async fn client_command(c: &Client, cmd: Command) -> Result<()> {
         Command::Tracker(t) => tracker_command(c, t).await?,
         Command::Item(i) => item_command(c, i).await?,
         Command::Conflicts(a) => conflicts_command(c, a).await?,
+        Command::Peer(p) => peer_command(c, p).await?,
     }
     Ok(())
 }
@@ -560,6 +598,94 @@ async fn conflicts_command(c: &Client, a: ConflictsArgs) -> Result<()> {
                 l["hlc"].as_str().unwrap_or(""),
                 l["node"].as_str().unwrap_or("")
             );
+        }
+    }
+    Ok(())
+}
+
+async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
+    match cmd {
+        PeerCmd::Add {
+            peer,
+            name,
+            mode,
+            read_only,
+            json,
+        } => {
+            let mut body = if peer.starts_with('/') {
+                json!({"addr": peer})
+            } else {
+                json!({"peer_id": peer})
+            };
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(m) = mode {
+                body["mode"] = json!(m);
+            }
+            body["read_only"] = json!(read_only);
+            let p = c.request(Method::POST, "/peers", Some(body)).await?;
+            if json {
+                print_json(&p);
+            } else {
+                println!("authorized {}", p["peer_id"].as_str().unwrap_or(""));
+            }
+        }
+        PeerCmd::List(f) => {
+            let list = c.get("/peers").await?;
+            if f.json {
+                print_json(&list);
+            } else {
+                for p in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {}  mode {}{}  {}",
+                        p["peer_id"].as_str().unwrap_or(""),
+                        if p["connected"].as_bool() == Some(true) {
+                            "connected"
+                        } else {
+                            "not connected"
+                        },
+                        p["mode"].as_str().unwrap_or(""),
+                        if p["read_only"].as_bool() == Some(true) {
+                            " read-only"
+                        } else {
+                            ""
+                        },
+                        p["name"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        PeerCmd::Update {
+            peer,
+            name,
+            mode,
+            read_only,
+            json,
+        } => {
+            let mut body = json!({});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(m) = mode {
+                body["mode"] = json!(m);
+            }
+            if let Some(r) = read_only {
+                body["read_only"] = json!(r);
+            }
+            let p = c
+                .request(Method::PATCH, &format!("/peers/{}", enc(&peer)), Some(body))
+                .await?;
+            if json {
+                print_json(&p);
+            } else {
+                println!("updated {}", p["peer_id"].as_str().unwrap_or(""));
+            }
+        }
+        PeerCmd::Remove { peer } => {
+            c.request(Method::DELETE, &format!("/peers/{}", enc(&peer)), None)
+                .await?;
+            println!("revoked {peer}");
         }
     }
     Ok(())

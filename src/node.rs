@@ -1,5 +1,5 @@
-//! The composition root: opens the repo, starts the local API (and, with the sync issue, the
-//! network), and shuts them down in order: API, then a final store flush.
+//! The composition root: opens the repo, starts the network and the local API, and shuts
+//! them down in order: API, network, then a final store flush.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,14 +12,16 @@ use tokio::task::JoinHandle;
 use crate::api;
 use crate::config::{Config, Identity, DIR_DB, FILE_API_ADDR};
 use crate::hlc::{Clock, NodeId, SystemClock};
+use crate::net::{Net, NetHandle};
 use crate::repo::Repo;
 
 /// Facts about the running node that the API reports.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeInfo {
     pub node: NodeId,
     pub peer_id: PeerId,
-    pub listen_addrs: Vec<String>,
+    /// The network, when this node syncs (the CLI's embedded node does not).
+    pub net: Option<NetHandle>,
 }
 
 pub struct Node {
@@ -27,6 +29,7 @@ pub struct Node {
     info: NodeInfo,
     api_addr: SocketAddr,
     api_task: JoinHandle<()>,
+    net: Option<Net>,
     shutdown: watch::Sender<bool>,
     config: Config,
 }
@@ -61,12 +64,27 @@ impl Node {
                 e => anyhow::Error::new(e).context("cannot open the store"),
             })?;
         let repo = Arc::new(repo);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let peer_id = identity.keypair.public().to_peer_id();
+        let net = if config.listen.is_empty() {
+            None
+        } else {
+            Some(
+                Net::start(
+                    identity.keypair.clone(),
+                    &config.listen,
+                    config.mdns,
+                    repo.clone(),
+                    shutdown_rx.clone(),
+                )
+                .await?,
+            )
+        };
         let info = NodeInfo {
             node,
-            peer_id: identity.keypair.public().to_peer_id(),
-            listen_addrs: Vec::new(),
+            peer_id,
+            net: net.as_ref().map(|n| n.handle.clone()),
         };
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
             .with_context(|| {
@@ -107,6 +125,7 @@ impl Node {
             info,
             api_addr,
             api_task,
+            net,
             shutdown,
             config,
         })
@@ -129,6 +148,9 @@ impl Node {
         let _ = self.shutdown.send(true);
         if let Err(e) = self.api_task.await {
             tracing::error!(error = %e, "local API task panicked");
+        }
+        if let Some(net) = self.net {
+            net.shutdown().await;
         }
         if self.config.publish_api_addr {
             let _ = std::fs::remove_file(self.config.data_dir.join(FILE_API_ADDR));

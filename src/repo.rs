@@ -29,6 +29,9 @@ use crate::register::Cell;
 use crate::schema::TrackerDoc;
 use crate::store::{DocData, DocKind, DocMeta, DocWrite, Store, StoreError, Ticket};
 
+mod remote;
+pub use remote::{Applied, RemoteDoc};
+
 /// Decoded documents kept in memory (~17 KiB each for small items, see notes/crates.md 1.8).
 pub const DOC_CACHE_ENTRIES: usize = 4096;
 /// Incremental chunks after which a document is compacted into a new snapshot.
@@ -136,6 +139,8 @@ pub struct Repo {
     /// Serializes tracker creation so names stay unique on this node.
     tracker_names: Mutex<()>,
     events: broadcast::Sender<ItemEvent>,
+    /// Last change sequence number made durable; the network notifies peers when it moves.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Repo {
@@ -158,6 +163,7 @@ impl Repo {
             trackers: RwLock::new(HashMap::new()),
             tracker_names: Mutex::new(()),
             events,
+            changed: tokio::sync::watch::Sender::new(0),
         };
         for id in repo.store.tracker_ids()? {
             repo.refresh_tracker(id)?;
@@ -187,6 +193,15 @@ impl Repo {
 
     pub fn subscribe(&self) -> broadcast::Receiver<ItemEvent> {
         self.events.subscribe()
+    }
+
+    /// Moves whenever a write (local or remote, item or tracker) has become durable.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn signal_change(&self) {
+        self.changed.send_replace(self.store.last_seq());
     }
 
     /// The last stamp issued or observed.
@@ -384,6 +399,7 @@ impl Repo {
         )?;
         drop(guard);
         self.store.wait_durable(ticket)?;
+        self.signal_change();
         self.refresh_tracker(id)
     }
 
@@ -411,6 +427,7 @@ impl Repo {
         let ticket = self.persist(id, &mut guard, Indexing::tracker(id))?;
         drop(guard);
         self.store.wait_durable(ticket)?;
+        self.signal_change();
         self.refresh_tracker(id)
     }
 
@@ -508,6 +525,7 @@ impl Repo {
 
     fn finish(&self, ticket: Ticket, view: &ItemView) -> Result<()> {
         self.store.wait_durable(ticket)?;
+        self.signal_change();
         // No subscribers is fine: events are for whoever listens.
         let _ = self.events.send(ItemEvent {
             item: view.id,

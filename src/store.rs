@@ -15,6 +15,8 @@
 //! | `N` tracker name | tracker id |
 //! | `I` tracker id, item id | deleted flag (1 byte): items of a tracker in id (time) order |
 //! | `D` display id | item id |
+//! | `K` peer id (bytes) | checkpoint on that peer's feed: its incarnation (16 B), seq u64 BE |
+//! | `P` peer id (text) | peer configuration (JSON) |
 //!
 //! Snapshot and chunks are separate keys so a torn or corrupt chunk never costs the snapshot.
 //!
@@ -48,6 +50,13 @@ const P_TRACKER: u8 = b'T';
 const P_TRACKER_NAME: u8 = b'N';
 const P_ITEM_INDEX: u8 = b'I';
 const P_DISPLAY: u8 = b'D';
+const P_CHECKPOINT: u8 = b'K';
+const P_PEER: u8 = b'P';
+
+/// This store's incarnation: random, made when the store is created. Peers key their
+/// checkpoints on it, so a wiped or restored store makes them start over (CouchDB's
+/// replication id does the same with the server UUID).
+const META_INCARNATION: &[u8] = b"Mincarnation";
 
 /// Counters and the clock high-water mark, in one key so a write updates one record:
 /// version u8, live items u64, trackers u64, display counter u64, HLC (28 bytes).
@@ -214,8 +223,18 @@ struct FlushState {
     last_error: Option<String>,
 }
 
+/// One document as the change feed offers it to a peer.
+pub struct FeedEntry {
+    pub seq: u64,
+    pub id: Uuid,
+    pub meta: DocMeta,
+    /// The increments since the last compaction, or the snapshot when there are none.
+    pub data: Vec<u8>,
+}
+
 pub struct Store {
     db: sled::Db,
+    incarnation: Uuid,
     commit: Mutex<CommitState>,
     /// Highest ticket handed out.
     applied: AtomicU64,
@@ -273,8 +292,18 @@ impl Store {
             hlc,
         };
         let display_next = display + 1;
+        let incarnation = match db.get(META_INCARNATION)? {
+            Some(v) => uuid_at(&v, 0)?,
+            None => {
+                let inc = Uuid::new_v4();
+                db.insert(META_INCARNATION, inc.as_bytes().as_slice())?;
+                db.flush()?;
+                inc
+            }
+        };
         Ok(Store {
             db,
+            incarnation,
             commit: Mutex::new(state),
             applied: AtomicU64::new(0),
             flush: Mutex::new(FlushState {
@@ -524,6 +553,101 @@ impl Store {
         drop(st);
         self.db.flush()?;
         Ok(())
+    }
+
+    pub fn incarnation(&self) -> Uuid {
+        self.incarnation
+    }
+
+    /// Documents changed after `since`, in sequence order: at most `max_entries` or about
+    /// `max_bytes` of data. Returns the entries, the last sequence number covered and whether
+    /// more follow. Reads store metadata and bytes only; never decodes Automerge.
+    pub fn feed_since(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<FeedEntry>, u64, bool)> {
+        let start = key(P_SEQ, &[&since.saturating_add(1).to_be_bytes()]);
+        let end = key(P_SEQ, &[&u64::MAX.to_be_bytes()]);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut last = since;
+        for kv in self.db.range(start..=end) {
+            let (k, v) = kv?;
+            if out.len() >= max_entries || (bytes >= max_bytes && !out.is_empty()) {
+                return Ok((out, last, true));
+            }
+            let seq = u64::from_be_bytes(k[1..9].try_into().map_err(|_| StoreError::Corrupt {
+                key: "Q".into(),
+                what: "sequence key is not 8 bytes",
+            })?);
+            let id = uuid_at(&v, 0)?;
+            last = seq;
+            let Some(doc) = self.load_doc(id)? else {
+                continue;
+            };
+            let data = if doc.chunks.is_empty() {
+                doc.snapshot
+            } else {
+                doc.chunks.concat()
+            };
+            bytes += data.len();
+            out.push(FeedEntry {
+                seq,
+                id,
+                meta: doc.meta,
+                data,
+            });
+        }
+        Ok((out, last, false))
+    }
+
+    /// Our checkpoint on a peer's feed: (its incarnation, last sequence number applied).
+    pub fn checkpoint(&self, peer: &[u8]) -> Result<Option<(Uuid, u64)>> {
+        match self.db.get(key(P_CHECKPOINT, &[peer]))? {
+            None => Ok(None),
+            Some(v) if v.len() == 24 => Ok(Some((
+                uuid_at(&v, 0)?,
+                u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
+            ))),
+            Some(_) => Err(StoreError::Corrupt {
+                key: "K".into(),
+                what: "checkpoint is not 24 bytes",
+            }),
+        }
+    }
+
+    /// Record a checkpoint. Call only once what it covers is durable; it is flushed with
+    /// the next group commit (losing it only costs a re-pull).
+    pub fn set_checkpoint(&self, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
+        let v = [incarnation.as_bytes().as_slice(), &seq.to_be_bytes()].concat();
+        self.db.insert(key(P_CHECKPOINT, &[peer]), v)?;
+        Ok(())
+    }
+
+    /// Stored peer configurations (JSON), keyed by peer id text.
+    pub fn peers(&self) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([P_PEER]) {
+            out.push(kv?.1.to_vec());
+        }
+        Ok(out)
+    }
+
+    pub fn put_peer(&self, peer_id: &str, config: &[u8]) -> Result<()> {
+        self.db.insert(key(P_PEER, &[peer_id.as_bytes()]), config)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn remove_peer(&self, peer_id: &str) -> Result<bool> {
+        let existed = self
+            .db
+            .remove(key(P_PEER, &[peer_id.as_bytes()]))?
+            .is_some();
+        self.db.flush()?;
+        Ok(existed)
     }
 
     /// The document written last (highest change sequence number), if any.

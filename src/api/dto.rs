@@ -169,10 +169,17 @@ impl From<HistoryEntry> for HistoryOut {
     }
 }
 
-#[derive(Serialize)]
-pub struct PeerStatus {
-    pub peer_id: String,
-    pub connected: bool,
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerIn {
+    pub addr: Option<String>,
+    pub peer_id: Option<String>,
+    pub addrs: Option<Vec<String>>,
+    pub name: Option<String>,
+    pub mode: Option<String>,
+    pub schedule: Option<String>,
+    pub read_only: Option<bool>,
+    pub trackers: Option<Vec<String>>,
 }
 
 #[derive(Serialize)]
@@ -182,7 +189,7 @@ pub struct Status {
     pub listen_addrs: Vec<String>,
     pub trackers: u64,
     pub items: u64,
-    pub peers: Vec<PeerStatus>,
+    pub peers: Vec<crate::net::PeerStatus>,
     pub clock: String,
     pub version: &'static str,
 }

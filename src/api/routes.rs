@@ -13,11 +13,16 @@ use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use super::dto::*;
 use super::{ApiError, AppState, JsonBody, QueryParams};
 use crate::model::{ConflictPolicy, FieldDef};
+use crate::peer::PeerConfig;
 
 type ApiResult<T> = Result<T, ApiError>;
 
 pub async fn status(State(s): State<AppState>) -> ApiResult<Json<Status>> {
     let info = s.info.clone();
+    let (listen_addrs, peers) = match &info.net {
+        Some(net) => (net.listen_addrs().await, net.peers().await),
+        None => (Vec::new(), Vec::new()),
+    };
     let (trackers, items, clock) = s
         .blocking(|r| {
             Ok((
@@ -30,10 +35,10 @@ pub async fn status(State(s): State<AppState>) -> ApiResult<Json<Status>> {
     Ok(Json(Status {
         node_id: info.node.to_string(),
         peer_id: info.peer_id.to_string(),
-        listen_addrs: info.listen_addrs,
+        listen_addrs,
         trackers,
         items,
-        peers: Vec::new(),
+        peers,
         clock: clock.to_string(),
         version: env!("CARGO_PKG_VERSION"),
     }))
@@ -233,6 +238,162 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+pub async fn list_peers(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
+    match &s.info.net {
+        Some(net) => Ok(Json(
+            serde_json::to_value(net.peers().await).unwrap_or_default(),
+        )),
+        None => {
+            let stored = s.blocking(|r| Ok(r.store().peers()?)).await?;
+            let list: Vec<serde_json::Value> = stored
+                .iter()
+                .filter_map(|b| serde_json::from_slice(b).ok())
+                .collect();
+            Ok(Json(serde_json::Value::Array(list)))
+        }
+    }
+}
+
+/// Store (and, when the network runs, apply) a peer configuration.
+async fn save_peer(s: &AppState, config: PeerConfig) -> ApiResult<PeerConfig> {
+    match &s.info.net {
+        Some(net) => net
+            .add_peer(config)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_peer", e)),
+        None => {
+            config
+                .validate()
+                .map_err(|e| ApiError::bad_request("invalid_peer", e))?;
+            config.peer_id.parse::<libp2p::PeerId>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_peer",
+                    format!("{:?} is not a PeerId", config.peer_id),
+                )
+            })?;
+            let json = serde_json::to_vec(&config)
+                .map_err(|e| ApiError::bad_request("invalid_peer", e.to_string()))?;
+            let id = config.peer_id.clone();
+            s.blocking(move |r| Ok(r.store().put_peer(&id, &json)?))
+                .await?;
+            Ok(config)
+        }
+    }
+}
+
+pub async fn add_peer(
+    State(s): State<AppState>,
+    JsonBody(body): JsonBody<PeerIn>,
+) -> ApiResult<impl IntoResponse> {
+    let mut addrs = body.addrs.unwrap_or_default();
+    let peer_id = match (&body.addr, &body.peer_id) {
+        (Some(addr), given) => {
+            let m: libp2p::Multiaddr = addr.parse().map_err(|_| {
+                ApiError::bad_request("invalid_peer", format!("{addr:?} is not a multiaddr"))
+            })?;
+            let Some(libp2p::multiaddr::Protocol::P2p(id)) = m.iter().last() else {
+                return Err(ApiError::bad_request(
+                    "invalid_peer",
+                    "the address must end in /p2p/<peer id>",
+                ));
+            };
+            if given.as_ref().is_some_and(|g| *g != id.to_string()) {
+                return Err(ApiError::bad_request(
+                    "invalid_peer",
+                    "peer_id does not match the address",
+                ));
+            }
+            addrs.push(addr.clone());
+            id.to_string()
+        }
+        (None, Some(id)) => id.clone(),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "invalid_peer",
+                "give \"addr\" (a multiaddr ending in /p2p/<peer id>) or \"peer_id\"",
+            ))
+        }
+    };
+    let mut config = PeerConfig::new(peer_id);
+    config.addrs = addrs;
+    config.name = body.name;
+    if let Some(m) = body.mode {
+        config.mode = m;
+    }
+    if let Some(sch) = body.schedule {
+        config.schedule = sch;
+    }
+    config.read_only = body.read_only.unwrap_or(false);
+    config.trackers = body.trackers;
+    let saved = save_peer(&s, config).await?;
+    Ok((StatusCode::CREATED, Json(saved)))
+}
+
+pub async fn update_peer(
+    State(s): State<AppState>,
+    Path(peer): Path<String>,
+    JsonBody(body): JsonBody<PeerIn>,
+) -> ApiResult<impl IntoResponse> {
+    let stored = s.blocking(|r| Ok(r.store().peers()?)).await?;
+    let mut config = stored
+        .iter()
+        .filter_map(|b| serde_json::from_slice::<PeerConfig>(b).ok())
+        .find(|c| c.peer_id == peer)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "peer_not_found",
+                format!("no peer {peer:?}"),
+            )
+        })?;
+    if body.addr.is_some() || body.peer_id.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_peer",
+            "a peer's id cannot change; add addresses with \"addrs\"",
+        ));
+    }
+    if let Some(a) = body.addrs {
+        config.addrs = a;
+    }
+    if body.name.is_some() {
+        config.name = body.name;
+    }
+    if let Some(m) = body.mode {
+        config.mode = m;
+    }
+    if let Some(sch) = body.schedule {
+        config.schedule = sch;
+    }
+    if let Some(ro) = body.read_only {
+        config.read_only = ro;
+    }
+    if body.trackers.is_some() {
+        config.trackers = body.trackers;
+    }
+    Ok(Json(save_peer(&s, config).await?))
+}
+
+pub async fn remove_peer(
+    State(s): State<AppState>,
+    Path(peer): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let removed = match &s.info.net {
+        Some(net) => net.remove_peer(peer.clone()).await,
+        None => {
+            let p = peer.clone();
+            s.blocking(move |r| Ok(r.store().remove_peer(&p)?)).await?
+        }
+    };
+    if !removed {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "peer_not_found",
+            format!("no peer {peer:?}"),
+        ));
+    }
+    Ok(Json(serde_json::json!({"removed": peer})))
 }
 
 pub async fn not_yet(req: axum::extract::Request) -> ApiError {

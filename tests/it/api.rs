@@ -347,10 +347,40 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         ),
         (
             Method::GET,
-            "/api/v1/peers".into(),
+            "/api/v1/log".into(),
             None,
             501,
             "not_implemented",
+        ),
+        (
+            Method::POST,
+            "/api/v1/peers".into(),
+            Some(json!({"addr": "/ip4/127.0.0.1/tcp/1"})),
+            400,
+            "invalid_peer",
+        ),
+        (
+            Method::POST,
+            "/api/v1/peers".into(),
+            Some(json!({"peer_id": "not-a-peer"})),
+            400,
+            "invalid_peer",
+        ),
+        (
+            Method::POST,
+            "/api/v1/peers".into(),
+            Some(
+                json!({"peer_id": "12D3KooWQmzgTPy77WHNWQmvm1XXqacT5D8e2szXX5XYzAxVjUmp", "mode": "sideways"}),
+            ),
+            400,
+            "invalid_peer",
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/peers/12D3KooWQmzgTPy77WHNWQmvm1XXqacT5D8e2szXX5XYzAxVjUmp".into(),
+            None,
+            404,
+            "peer_not_found",
         ),
     ];
     for (method, path, body, status, code) in cases {

@@ -125,6 +125,79 @@ impl TestNode {
     }
 }
 
+impl TestNode {
+    /// This node's libp2p address, `/ip4/127.0.0.1/tcp/<port>/p2p/<peer id>`.
+    pub async fn p2p_addr(&self) -> String {
+        let status = eventually("listen address", || async {
+            let (_, s) = self.get("/api/v1/status").await;
+            s["listen_addrs"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+                .then_some(s)
+        })
+        .await;
+        format!(
+            "{}/p2p/{}",
+            status["listen_addrs"][0].as_str().expect("addr"),
+            status["peer_id"].as_str().expect("peer id")
+        )
+    }
+
+    pub async fn peer_id(&self) -> String {
+        let (_, s) = self.get("/api/v1/status").await;
+        s["peer_id"].as_str().expect("peer id").to_string()
+    }
+
+    /// Authorize each other, both ways, by address.
+    pub async fn pair(&self, other: &TestNode) {
+        let (s, e) = self
+            .post(
+                "/api/v1/peers",
+                serde_json::json!({"addr": other.p2p_addr().await}),
+            )
+            .await;
+        assert_eq!(s, 201, "{e}");
+        let (s, e) = other
+            .post(
+                "/api/v1/peers",
+                serde_json::json!({"addr": self.p2p_addr().await}),
+            )
+            .await;
+        assert_eq!(s, 201, "{e}");
+    }
+
+    /// The item as this node sees it, once `pred` holds (or fail after the timeout).
+    pub async fn item_when(&self, id: &str, pred: impl Fn(&Json) -> bool) -> Json {
+        eventually(&format!("item {id} on {}", self.base), || async {
+            let (s, item) = self.get(&format!("/api/v1/items/{id}")).await;
+            (s == 200 && pred(&item)).then_some(item)
+        })
+        .await
+    }
+}
+
+/// How long a change may take to reach another node before a test fails.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Poll `check` until it yields a value; fail after [`SYNC_TIMEOUT`].
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub struct CliOutput {
     pub ok: bool,
     pub stdout: String,

@@ -1,0 +1,921 @@
+//! The only code that names libp2p. One task owns the Swarm; [`NetHandle`] sends it commands
+//! with oneshot replies. Repo work (serving and applying documents) runs on the blocking pool
+//! and reports back to the loop.
+//!
+//! Sync is pull-based: each side pulls the other's change feed from its checkpoint
+//! (CouchDB-style), one pull in flight per peer; a durable local change sends connected peers
+//! a `Notify`, which makes them pull now (live sync; notifies and pulls coalesce under load).
+//! Changes applied from one peer move our feed too, so they travel on to the next hop.
+//!
+//! Authorization: only peers in the allow-list (persisted peer configurations) are dialed,
+//! served or pulled from; an unauthorized peer's connection is closed as soon as it opens, and
+//! any request from it is refused. Removing a peer disconnects it at once.
+
+mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{behaviour::toggle::Toggle, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    identify, identity::Keypair, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::peer::PeerConfig;
+use crate::repo::{Applied, RemoteDoc, Repo};
+pub use wire::pb;
+
+/// Commands queued to the network loop.
+const COMMAND_QUEUE: usize = 64;
+/// Results of repo work queued back to the loop.
+const WORK_QUEUE: usize = 256;
+/// How long a pull or fetch may take before it is abandoned (and retried).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections stay open while idle: peers sync continuously.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Redial and retry backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Documents whose stamps were too far ahead are retried after this long.
+const DEFERRED_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    rr: request_response::Behaviour<wire::Codec>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// A peer as the status route shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PeerStatus {
+    #[serde(flatten)]
+    pub config: PeerConfig,
+    pub connected: bool,
+    /// Last sequence number of the peer's feed we have applied.
+    pub checkpoint: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+enum Command {
+    AddPeer(PeerConfig, oneshot::Sender<Result<PeerConfig, String>>),
+    RemovePeer(String, oneshot::Sender<bool>),
+    Peers(oneshot::Sender<Vec<PeerStatus>>),
+    ListenAddrs(oneshot::Sender<Vec<String>>),
+}
+
+/// Cloneable handle to the network loop.
+#[derive(Clone)]
+pub struct NetHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl NetHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn add_peer(&self, config: PeerConfig) -> Result<PeerConfig, String> {
+        self.ask(|tx| Command::AddPeer(config, tx))
+            .await
+            .unwrap_or_else(|| Err("the network is shutting down".into()))
+    }
+
+    pub async fn remove_peer(&self, peer_id: String) -> bool {
+        self.ask(|tx| Command::RemovePeer(peer_id, tx))
+            .await
+            .unwrap_or(false)
+    }
+
+    pub async fn peers(&self) -> Vec<PeerStatus> {
+        self.ask(Command::Peers).await.unwrap_or_default()
+    }
+
+    pub async fn listen_addrs(&self) -> Vec<String> {
+        self.ask(Command::ListenAddrs).await.unwrap_or_default()
+    }
+}
+
+pub struct Net {
+    pub handle: NetHandle,
+    task: JoinHandle<()>,
+}
+
+impl Net {
+    pub async fn start(
+        keypair: Keypair,
+        listen: &[Multiaddr],
+        mdns_on: bool,
+        repo: Arc<Repo>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Net> {
+        let peer_id = keypair.public().to_peer_id();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .context("cannot set up TCP transport")?
+            .with_behaviour(|key| {
+                let rr = request_response::Behaviour::with_codec(
+                    wire::Codec,
+                    [(wire::PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(64),
+                );
+                let mdns = if mdns_on {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        peer_id,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    rr,
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/trackersync/1".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    mdns: Toggle::from(mdns),
+                })
+            })
+            .map_err(|e| anyhow::anyhow!("cannot set up the network behaviour: {e}"))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+            .build();
+        for addr in listen {
+            swarm
+                .listen_on(addr.clone())
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
+        let mut peers = HashMap::new();
+        for raw in repo.store().peers()? {
+            match serde_json::from_slice::<PeerConfig>(&raw) {
+                Ok(c) => match c.peer_id.parse::<PeerId>() {
+                    Ok(id) => {
+                        for a in &c.addrs {
+                            if let Ok(m) = a.parse::<Multiaddr>() {
+                                swarm.add_peer_address(id, m);
+                            }
+                        }
+                        peers.insert(id, PeerState::new(c));
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = %c.peer_id, error = %e, "stored peer has a bad id; ignored")
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "stored peer configuration unreadable; ignored")
+                }
+            }
+        }
+        let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let (work_tx, work_rx) = mpsc::channel(WORK_QUEUE);
+        let changes = repo.watch_changes();
+        let mut event_loop = EventLoop {
+            swarm,
+            repo,
+            peers,
+            connected: HashSet::new(),
+            outbound: HashMap::new(),
+            commands,
+            work_tx,
+            work_rx,
+            changes,
+            listen_addrs: Vec::new(),
+        };
+        // Dial every known peer at start-up.
+        let now = Instant::now();
+        for state in event_loop.peers.values_mut() {
+            state.retry_at = Some(now);
+        }
+        let task = tokio::spawn(
+            async move { event_loop.run(shutdown).await }
+                .instrument(tracing::info_span!("net", %peer_id)),
+        );
+        Ok(Net {
+            handle: NetHandle { tx },
+            task,
+        })
+    }
+
+    pub async fn shutdown(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "network task panicked");
+        }
+    }
+}
+
+/// Sync bookkeeping for one authorized peer.
+struct PeerState {
+    config: PeerConfig,
+    pull_in_flight: bool,
+    pull_again: bool,
+    notify_in_flight: bool,
+    notify_again: bool,
+    /// When to dial or pull again (after a failure, or for deferred documents).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    checkpoint: Option<u64>,
+    last_error: Option<String>,
+}
+
+impl PeerState {
+    fn new(config: PeerConfig) -> Self {
+        PeerState {
+            config,
+            pull_in_flight: false,
+            pull_again: false,
+            notify_in_flight: false,
+            notify_again: false,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+            checkpoint: None,
+            last_error: None,
+        }
+    }
+}
+
+/// A pull in progress: the page being applied, waiting for a fetch of incomplete documents.
+struct PullPage {
+    incarnation: Uuid,
+    last_seq: u64,
+    more: bool,
+    /// Lowest sender sequence number that could not be applied (the checkpoint stops below it).
+    blocked_from: Option<u64>,
+    started: Instant,
+    received: usize,
+    seqs: HashMap<Uuid, u64>,
+}
+
+/// Our requests in flight (the peer comes with the response event).
+enum Outbound {
+    Pull(Instant),
+    Fetch(PullPage),
+    Notify,
+}
+
+enum Work {
+    Respond(ResponseChannel<pb::Response>, pb::Response),
+    Applied(
+        PeerId,
+        PullPage,
+        Result<Vec<(Uuid, u64, Applied)>, String>,
+        bool,
+    ),
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    repo: Arc<Repo>,
+    peers: HashMap<PeerId, PeerState>,
+    connected: HashSet<PeerId>,
+    outbound: HashMap<OutboundRequestId, Outbound>,
+    commands: mpsc::Receiver<Command>,
+    work_tx: mpsc::Sender<Work>,
+    work_rx: mpsc::Receiver<Work>,
+    changes: watch::Receiver<u64>,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+fn refused(reason: &str) -> pb::Response {
+    pb::Response {
+        version: wire::VERSION,
+        body: Some(pb::response::Body::Refused(pb::Refused {
+            reason: reason.into(),
+        })),
+    }
+}
+
+impl EventLoop {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            // Local work first: commands and finished repo work before remote input.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => break,
+                Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                Some(work) = self.work_rx.recv() => self.on_work(work),
+                Ok(()) = self.changes.changed() => self.notify_all(),
+                event = self.swarm.select_next_some() => self.on_swarm(event),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        tracing::info!("network stopped");
+    }
+
+    fn authorized(&self, peer: &PeerId) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::AddPeer(config, reply) => {
+                let _ = reply.send(self.add_peer(config));
+            }
+            Command::RemovePeer(id, reply) => {
+                let removed = match id.parse::<PeerId>() {
+                    Ok(peer) => {
+                        let existed = self.peers.remove(&peer).is_some();
+                        if let Err(e) = self.repo.store().remove_peer(&id) {
+                            tracing::error!(error = %e, "cannot remove peer from the store");
+                        }
+                        // Revocation takes effect at once.
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                        existed
+                    }
+                    Err(_) => false,
+                };
+                let _ = reply.send(removed);
+            }
+            Command::Peers(reply) => {
+                let mut out: Vec<PeerStatus> = self
+                    .peers
+                    .iter()
+                    .map(|(id, s)| PeerStatus {
+                        config: s.config.clone(),
+                        connected: self.connected.contains(id),
+                        checkpoint: s.checkpoint,
+                        last_error: s.last_error.clone(),
+                    })
+                    .collect();
+                out.sort_by(|a, b| a.config.peer_id.cmp(&b.config.peer_id));
+                let _ = reply.send(out);
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.listen_addrs.iter().map(|a| a.to_string()).collect());
+            }
+        }
+    }
+
+    fn add_peer(&mut self, mut config: PeerConfig) -> Result<PeerConfig, String> {
+        config.validate()?;
+        let peer: PeerId = config
+            .peer_id
+            .parse()
+            .map_err(|_| format!("{:?} is not a PeerId", config.peer_id))?;
+        if peer == *self.swarm.local_peer_id() {
+            return Err("that is this node's own PeerId".into());
+        }
+        for a in &config.addrs {
+            let m: Multiaddr = a.parse().map_err(|_| format!("{a:?} is not a multiaddr"))?;
+            self.swarm.add_peer_address(peer, m);
+        }
+        if let Some(existing) = self.peers.get(&peer) {
+            for a in &existing.config.addrs {
+                if !config.addrs.contains(a) {
+                    config.addrs.push(a.clone());
+                }
+            }
+        }
+        let json = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+        self.repo
+            .store()
+            .put_peer(&config.peer_id, &json)
+            .map_err(|e| e.to_string())?;
+        let state = self
+            .peers
+            .entry(peer)
+            .or_insert_with(|| PeerState::new(config.clone()));
+        state.config = config.clone();
+        if self.connected.contains(&peer) {
+            self.start_pull(peer);
+        } else if !config.addrs.is_empty() {
+            state.retry_at = Some(Instant::now());
+        }
+        Ok(config)
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| s.retry_at.is_some_and(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            if let Some(s) = self.peers.get_mut(&peer) {
+                s.retry_at = None;
+            }
+            if self.connected.contains(&peer) {
+                self.start_pull(peer);
+            } else if let Err(e) = self.swarm.dial(peer) {
+                tracing::debug!(%peer, error = %e, "dial failed");
+                self.backoff(peer, &e.to_string());
+            }
+        }
+    }
+
+    fn backoff(&mut self, peer: PeerId, error: &str) {
+        if let Some(s) = self.peers.get_mut(&peer) {
+            s.retry_at = Some(Instant::now() + s.backoff);
+            s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+            s.last_error = Some(error.to_string());
+        }
+    }
+
+    fn notify_all(&mut self) {
+        let seq = *self.changes.borrow_and_update();
+        let targets: Vec<PeerId> = self
+            .connected
+            .iter()
+            .filter(|p| self.peers.get(p).is_some_and(|s| s.config.pushes()))
+            .copied()
+            .collect();
+        for peer in targets {
+            let Some(s) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            if s.notify_in_flight {
+                s.notify_again = true;
+                continue;
+            }
+            s.notify_in_flight = true;
+            let req = pb::Request {
+                version: wire::VERSION,
+                body: Some(pb::request::Body::Notify(pb::Notify { seq })),
+            };
+            let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+            self.outbound.insert(id, Outbound::Notify);
+        }
+    }
+
+    fn start_pull(&mut self, peer: PeerId) {
+        let Some(s) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if !s.config.pulls() {
+            return;
+        }
+        if s.pull_in_flight {
+            s.pull_again = true;
+            return;
+        }
+        let (incarnation, since) = match self.repo.store().checkpoint(&peer.to_bytes()) {
+            Ok(Some((inc, seq))) => (inc.as_bytes().to_vec(), seq),
+            Ok(None) => (Vec::new(), 0),
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "cannot read checkpoint; pulling from the start");
+                (Vec::new(), 0)
+            }
+        };
+        s.pull_in_flight = true;
+        s.pull_again = false;
+        let req = pb::Request {
+            version: wire::VERSION,
+            body: Some(pb::request::Body::Pull(pb::Pull {
+                since,
+                incarnation,
+                max_entries: wire::PULL_MAX_ENTRIES as u32,
+            })),
+        };
+        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        self.outbound.insert(id, Outbound::Pull(Instant::now()));
+    }
+
+    fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if !self.authorized(&peer_id) {
+                    tracing::warn!(peer = %peer_id, addr = %endpoint.get_remote_address(), "closing connection from an unauthorized peer");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                tracing::info!(peer = %peer_id, "peer connected");
+                self.connected.insert(peer_id);
+                if let Some(s) = self.peers.get_mut(&peer_id) {
+                    s.backoff = BACKOFF_MIN;
+                    s.last_error = None;
+                    if endpoint.is_dialer() {
+                        let addr = endpoint.get_remote_address().to_string();
+                        if !s.config.addrs.contains(&addr) {
+                            s.config.addrs.push(addr);
+                            self.persist_peer(peer_id);
+                        }
+                    }
+                }
+                self.start_pull(peer_id);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } if num_established == 0 && self.connected.remove(&peer_id) => {
+                tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
+                if let Some(s) = self.peers.get_mut(&peer_id) {
+                    s.pull_in_flight = false;
+                    s.notify_in_flight = false;
+                    s.retry_at = Some(Instant::now() + s.backoff);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                self.backoff(peer, &error.to_string());
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if let Some(s) = self.peers.get_mut(&peer) {
+                        self.swarm.add_peer_address(peer, addr.clone());
+                        let a = addr.to_string();
+                        if !s.config.addrs.contains(&a) {
+                            s.config.addrs.push(a);
+                            self.persist_peer(peer);
+                        }
+                        if !self.connected.contains(&peer) {
+                            let _ = self.swarm.dial(peer);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if self.authorized(&peer_id) => {
+                for addr in info.listen_addrs {
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
+            _ => {}
+        }
+    }
+
+    fn persist_peer(&self, peer: PeerId) {
+        if let Some(s) = self.peers.get(&peer) {
+            if let Ok(json) = serde_json::to_vec(&s.config) {
+                if let Err(e) = self.repo.store().put_peer(&s.config.peer_id, &json) {
+                    tracing::error!(error = %e, "cannot save peer addresses");
+                }
+            }
+        }
+    }
+
+    fn on_rr(&mut self, ev: request_response::Event<pb::Request, pb::Response>) {
+        use request_response::{Event, Message};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => self.on_request(peer, request, channel),
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(out) = self.outbound.remove(&request_id) {
+                    self.on_response(peer, out, response);
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, error = %error, "request failed");
+                if let Some(out) = self.outbound.remove(&request_id) {
+                    match out {
+                        Outbound::Pull(_) | Outbound::Fetch(_) => {
+                            if let Some(s) = self.peers.get_mut(&peer) {
+                                s.pull_in_flight = false;
+                            }
+                            self.backoff(peer, &error.to_string());
+                        }
+                        Outbound::Notify => {
+                            if let Some(s) = self.peers.get_mut(&peer) {
+                                s.notify_in_flight = false;
+                            }
+                        }
+                    }
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A misbehaving peer: log once, disconnect, forget its in-flight state.
+    fn drop_peer(&mut self, peer: PeerId, why: &str) {
+        tracing::warn!(%peer, reason = why, "disconnecting misbehaving peer");
+        if let Some(s) = self.peers.get_mut(&peer) {
+            s.last_error = Some(why.to_string());
+            s.pull_in_flight = false;
+            s.retry_at = Some(Instant::now() + BACKOFF_MAX);
+        }
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: pb::Request,
+        channel: ResponseChannel<pb::Response>,
+    ) {
+        let Some(state) = self.peers.get(&peer) else {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .rr
+                .send_response(channel, refused("not authorized"));
+            let _ = self.swarm.disconnect_peer_id(peer);
+            return;
+        };
+        if request.version != wire::VERSION {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .rr
+                .send_response(channel, refused("unsupported protocol version"));
+            return;
+        }
+        let serves = state.config.pushes();
+        match request.body {
+            Some(pb::request::Body::Notify(_)) => {
+                let ack = pb::Response {
+                    version: wire::VERSION,
+                    body: Some(pb::response::Body::Ack(pb::Ack {})),
+                };
+                let _ = self.swarm.behaviour_mut().rr.send_response(channel, ack);
+                self.start_pull(peer);
+            }
+            Some(pb::request::Body::Pull(pull)) if serves => {
+                let repo = self.repo.clone();
+                let work = self.work_tx.clone();
+                let ours = repo.store().incarnation();
+                // A checkpoint from another incarnation of our store means nothing: start over.
+                let since = if pull.incarnation == ours.as_bytes() {
+                    pull.since
+                } else {
+                    0
+                };
+                let max = (pull.max_entries as usize).clamp(1, wire::PULL_MAX_ENTRIES);
+                let node = repo.node();
+                tokio::task::spawn_blocking(move || {
+                    let response = match repo.feed(since, max, wire::PULL_MAX_BYTES) {
+                        Ok((docs, last_seq, more)) => pb::Response {
+                            version: wire::VERSION,
+                            body: Some(pb::response::Body::Pull(pb::PullReply {
+                                node: node.as_bytes().to_vec(),
+                                incarnation: ours.as_bytes().to_vec(),
+                                last_seq,
+                                more,
+                                entries: docs.into_iter().map(wire::doc_to_wire).collect(),
+                            })),
+                        },
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the change feed");
+                            refused("storage error")
+                        }
+                    };
+                    let _ = work.blocking_send(Work::Respond(channel, response));
+                });
+            }
+            Some(pb::request::Body::Fetch(fetch)) if serves => {
+                let mut wanted = Vec::with_capacity(fetch.docs.len());
+                for h in fetch.docs.into_iter().take(wire::MAX_FETCH) {
+                    match (wire::uuid(&h.id, "document id"), wire::heads(&h.heads)) {
+                        (Ok(id), Ok(heads)) => wanted.push((id, heads)),
+                        (Err(e), _) | (_, Err(e)) => {
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .rr
+                                .send_response(channel, refused("malformed fetch"));
+                            self.drop_peer(peer, &e.to_string());
+                            return;
+                        }
+                    }
+                }
+                let repo = self.repo.clone();
+                let work = self.work_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut docs = Vec::new();
+                    for (id, have) in wanted {
+                        match repo.fetch(id, &have) {
+                            Ok(Some(d)) => docs.push(wire::doc_to_wire(d)),
+                            Ok(None) => {}
+                            Err(e) => tracing::error!(doc = %id, error = %e, "cannot serve fetch"),
+                        }
+                    }
+                    let response = pb::Response {
+                        version: wire::VERSION,
+                        body: Some(pb::response::Body::Fetch(pb::FetchReply { docs })),
+                    };
+                    let _ = work.blocking_send(Work::Respond(channel, response));
+                });
+            }
+            Some(_) => {
+                let _ = self.swarm.behaviour_mut().rr.send_response(
+                    channel,
+                    refused("this node does not share with you in that direction"),
+                );
+            }
+            None => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_response(channel, refused("empty request"));
+                self.drop_peer(peer, "empty request");
+            }
+        }
+    }
+
+    fn on_response(&mut self, peer: PeerId, out: Outbound, response: pb::Response) {
+        match (out, response.body) {
+            (Outbound::Notify, _) => {
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    s.notify_in_flight = false;
+                    if std::mem::take(&mut s.notify_again) {
+                        self.notify_all();
+                    }
+                }
+            }
+            (Outbound::Pull(started), Some(pb::response::Body::Pull(reply))) => {
+                let incarnation = match wire::uuid(&reply.incarnation, "incarnation") {
+                    Ok(i) => i,
+                    Err(e) => return self.drop_peer(peer, &e.to_string()),
+                };
+                let mut docs = Vec::with_capacity(reply.entries.len());
+                for e in reply.entries {
+                    match wire::doc_from_wire(e) {
+                        Ok(d) => docs.push(d),
+                        Err(e) => return self.drop_peer(peer, &e.to_string()),
+                    }
+                }
+                let page = PullPage {
+                    incarnation,
+                    last_seq: reply.last_seq,
+                    more: reply.more,
+                    blocked_from: None,
+                    started,
+                    received: docs.len(),
+                    seqs: docs.iter().map(|d| (d.id, d.seq)).collect(),
+                };
+                self.apply(peer, page, docs, false);
+            }
+            (Outbound::Fetch(page), Some(pb::response::Body::Fetch(reply))) => {
+                let mut docs = Vec::with_capacity(reply.docs.len());
+                for e in reply.docs {
+                    match wire::doc_from_wire(e) {
+                        Ok(mut d) => {
+                            d.seq = page.seqs.get(&d.id).copied().unwrap_or(0);
+                            docs.push(d);
+                        }
+                        Err(e) => return self.drop_peer(peer, &e.to_string()),
+                    }
+                }
+                self.apply(peer, page, docs, true);
+            }
+            (_, Some(pb::response::Body::Refused(r))) => {
+                tracing::warn!(%peer, reason = %r.reason, "peer refused our request");
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    s.pull_in_flight = false;
+                    s.last_error = Some(format!("refused by peer: {}", r.reason));
+                }
+            }
+            (_, _) => self.drop_peer(peer, "unexpected response"),
+        }
+    }
+
+    fn apply(&mut self, peer: PeerId, page: PullPage, docs: Vec<RemoteDoc>, after_fetch: bool) {
+        let repo = self.repo.clone();
+        let work = self.work_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = repo.apply_remote(docs).map_err(|e| e.to_string());
+            let _ = work.blocking_send(Work::Applied(peer, page, result, after_fetch));
+        });
+    }
+
+    fn on_work(&mut self, work: Work) {
+        match work {
+            Work::Respond(channel, response) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_response(channel, response);
+            }
+            Work::Applied(peer, mut page, result, after_fetch) => {
+                let results = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(%peer, error = %e, "cannot apply peer's changes");
+                        if let Some(s) = self.peers.get_mut(&peer) {
+                            s.pull_in_flight = false;
+                        }
+                        return self.backoff(peer, &e);
+                    }
+                };
+                let mut fetch = Vec::new();
+                let mut merged = 0;
+                for (id, seq, outcome) in results {
+                    let block = |page: &mut PullPage| {
+                        page.blocked_from = Some(page.blocked_from.map_or(seq, |b| b.min(seq)))
+                    };
+                    match outcome {
+                        Applied::Merged => merged += 1,
+                        Applied::Unchanged => {}
+                        Applied::Incomplete { have } if !after_fetch => fetch.push(pb::Have {
+                            id: id.as_bytes().to_vec(),
+                            heads: have.into_iter().map(|h| h.to_vec()).collect(),
+                        }),
+                        Applied::Incomplete { .. } => {
+                            tracing::warn!(%peer, doc = %id, "document still incomplete after fetch; retried later");
+                            block(&mut page);
+                        }
+                        Applied::Deferred(why) => {
+                            tracing::warn!(%peer, doc = %id, reason = %why, "document deferred");
+                            block(&mut page);
+                        }
+                        Applied::Refused(why) => {
+                            block(&mut page);
+                            return self.drop_peer(peer, &why);
+                        }
+                        Applied::Panicked => {
+                            block(&mut page);
+                            return self
+                                .drop_peer(peer, "sent bytes that crashed the document decoder");
+                        }
+                    }
+                }
+                tracing::debug!(%peer, received = page.received, merged, "applied page");
+                if !fetch.is_empty() {
+                    let req = pb::Request {
+                        version: wire::VERSION,
+                        body: Some(pb::request::Body::Fetch(pb::Fetch { docs: fetch })),
+                    };
+                    let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+                    self.outbound.insert(id, Outbound::Fetch(page));
+                    return;
+                }
+                self.finish_page(peer, page);
+            }
+        }
+    }
+
+    fn finish_page(&mut self, peer: PeerId, page: PullPage) {
+        let checkpoint = match page.blocked_from {
+            Some(b) => b.saturating_sub(1),
+            None => page.last_seq,
+        };
+        if let Err(e) =
+            self.repo
+                .store()
+                .set_checkpoint(&peer.to_bytes(), page.incarnation, checkpoint)
+        {
+            tracing::error!(%peer, error = %e, "cannot save checkpoint");
+        }
+        if page.received > 0 {
+            tracing::info!(%peer, items = page.received, checkpoint, ms = page.started.elapsed().as_millis() as u64, "sync session page");
+        }
+        let Some(s) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        s.checkpoint = Some(checkpoint);
+        s.pull_in_flight = false;
+        if page.blocked_from.is_some() {
+            s.retry_at = Some(Instant::now() + DEFERRED_RETRY);
+        } else if page.more || s.pull_again {
+            self.start_pull(peer);
+        }
+    }
+}

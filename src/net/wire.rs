@@ -1,0 +1,254 @@
+//! The wire edge: generated protobuf types, size limits, a length-prefixed codec for
+//! libp2p request-response, and conversions that validate every field before the rest of the
+//! node sees it.
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use prost::Message;
+use uuid::Uuid;
+
+use crate::repo::RemoteDoc;
+use crate::store::DocKind;
+
+#[allow(clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/trackersync.v1.rs"));
+}
+
+/// Protocol version we speak; requests from other versions are refused.
+pub const VERSION: u32 = 1;
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/trackersync/sync/1");
+/// Largest request frame (requests carry ids and heads only).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest response frame; pull pages are cut well below it (see `PULL_MAX_BYTES`).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// Data a pull page aims to carry.
+pub const PULL_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Entries per pull page.
+pub const PULL_MAX_ENTRIES: usize = 2000;
+/// Heads one document may list (honest documents have a handful).
+pub const MAX_HEADS: usize = 64;
+/// Documents one fetch may name.
+pub const MAX_FETCH: usize = 2000;
+/// Bytes of one document's data.
+pub const MAX_DOC_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid message from peer: {0}")]
+pub struct WireError(pub String);
+
+fn bad(m: impl Into<String>) -> WireError {
+    WireError(m.into())
+}
+
+pub fn uuid(b: &[u8], what: &str) -> Result<Uuid, WireError> {
+    let arr: [u8; 16] = b
+        .try_into()
+        .map_err(|_| bad(format!("{what} is not 16 bytes")))?;
+    Ok(Uuid::from_bytes(arr))
+}
+
+pub fn heads(hs: &[Vec<u8>]) -> Result<Vec<[u8; 32]>, WireError> {
+    if hs.len() > MAX_HEADS {
+        return Err(bad(format!("{} heads (at most {MAX_HEADS})", hs.len())));
+    }
+    hs.iter()
+        .map(|h| {
+            h.as_slice()
+                .try_into()
+                .map_err(|_| bad("a head is not 32 bytes"))
+        })
+        .collect()
+}
+
+pub fn doc_from_wire(e: pb::Entry) -> Result<RemoteDoc, WireError> {
+    let kind = match pb::DocKind::try_from(e.kind) {
+        Ok(pb::DocKind::Tracker) => DocKind::Tracker,
+        Ok(pb::DocKind::Item) => DocKind::Item,
+        _ => return Err(bad(format!("unknown document kind {}", e.kind))),
+    };
+    if e.data.len() > MAX_DOC_BYTES {
+        return Err(bad("document data over the limit"));
+    }
+    let heads = heads(&e.heads)?;
+    if heads.is_empty() {
+        return Err(bad("a document without heads"));
+    }
+    Ok(RemoteDoc {
+        id: uuid(&e.id, "document id")?,
+        kind,
+        tracker: uuid(&e.tracker, "tracker id")?,
+        heads,
+        data: e.data,
+        seq: e.seq,
+    })
+}
+
+pub fn doc_to_wire(d: RemoteDoc) -> pb::Entry {
+    pb::Entry {
+        id: d.id.as_bytes().to_vec(),
+        kind: match d.kind {
+            DocKind::Tracker => pb::DocKind::Tracker,
+            DocKind::Item => pb::DocKind::Item,
+        } as i32,
+        tracker: d.tracker.as_bytes().to_vec(),
+        heads: d.heads.into_iter().map(|h| h.to_vec()).collect(),
+        data: d.data,
+        seq: d.seq,
+    }
+}
+
+/// Length-prefixed (u32 BE) protobuf frames, size-checked before anything is allocated.
+#[derive(Clone, Default)]
+pub struct Codec;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes over the {max}-byte limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: Vec<u8>,
+    max: usize,
+) -> std::io::Result<()> {
+    if bytes.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("frame of {} bytes over the {max}-byte limit", bytes.len()),
+        ));
+    }
+    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    io.write_all(&bytes).await?;
+    io.close().await
+}
+
+fn decode<M: Message + Default>(b: &[u8]) -> std::io::Result<M> {
+    M::decode(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+impl libp2p::request_response::Codec for Codec {
+    type Protocol = StreamProtocol;
+    type Request = pb::Request;
+    type Response = pb::Response;
+
+    async fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<pb::Request>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        decode(&read_frame(io, MAX_REQUEST_BYTES).await?)
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<pb::Response>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        decode(&read_frame(io, MAX_RESPONSE_BYTES).await?)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: pb::Request,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, req.encode_to_vec(), MAX_REQUEST_BYTES).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: pb::Response,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, res.encode_to_vec(), MAX_RESPONSE_BYTES).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_refuse_malformed_fields() {
+        let good = pb::Entry {
+            id: vec![1; 16],
+            kind: pb::DocKind::Item as i32,
+            tracker: vec![2; 16],
+            heads: vec![vec![3; 32]],
+            data: vec![0; 10],
+            seq: 4,
+        };
+        assert!(doc_from_wire(good.clone()).is_ok());
+        let cases = [
+            pb::Entry {
+                id: vec![1; 15],
+                ..good.clone()
+            },
+            pb::Entry {
+                kind: 0,
+                ..good.clone()
+            },
+            pb::Entry {
+                kind: 99,
+                ..good.clone()
+            },
+            pb::Entry {
+                heads: vec![],
+                ..good.clone()
+            },
+            pb::Entry {
+                heads: vec![vec![3; 31]],
+                ..good.clone()
+            },
+            pb::Entry {
+                heads: vec![vec![3; 32]; MAX_HEADS + 1],
+                ..good.clone()
+            },
+            pb::Entry {
+                tracker: vec![],
+                ..good.clone()
+            },
+        ];
+        for c in cases {
+            assert!(doc_from_wire(c.clone()).is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn frames_over_the_limit_are_refused_before_allocation() {
+        let mut frame = (u32::MAX).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0; 8]);
+        let mut io = futures::io::Cursor::new(frame);
+        let err = futures::executor::block_on(read_frame(&mut io, MAX_REQUEST_BYTES))
+            .expect_err("over limit");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+}

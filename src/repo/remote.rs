@@ -1,0 +1,280 @@
+//! Documents from peers: serving our change feed, and applying what a peer sends.
+//!
+//! Every byte from a peer is hostile: Automerge sees it only inside `catch_unwind`, a document
+//! that fails to decode, changes kind or tracker, or panics Automerge is refused (and the peer
+//! reported), and stamps beyond the allowed clock drift wait. One bad document never blocks
+//! the others.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use automerge::{AutoCommit, ChangeHash};
+use uuid::Uuid;
+
+use super::{Indexing, ItemEvent, Loaded, Repo, Result, Source};
+use crate::hlc::Hlc;
+use crate::item::{actor_for, ItemDoc};
+use crate::schema::TrackerDoc;
+use crate::store::DocKind;
+
+/// A document as it travels between peers.
+#[derive(Clone, Debug)]
+pub struct RemoteDoc {
+    pub id: Uuid,
+    pub kind: DocKind,
+    pub tracker: Uuid,
+    pub heads: Vec<[u8; 32]>,
+    pub data: Vec<u8>,
+    /// The sender's change sequence number for it (0 in fetch replies).
+    pub seq: u64,
+}
+
+/// What validation learns of a merged document: its tracker, deleted flag, display id (new
+/// items), highest stamp and name (trackers).
+type Checked = (Uuid, bool, Option<String>, Option<Hlc>, Option<String>);
+
+/// What became of one remote document.
+#[derive(Debug, PartialEq)]
+pub enum Applied {
+    /// Merged and durable.
+    Merged,
+    /// We already had it.
+    Unchanged,
+    /// The bytes did not carry everything (missing dependencies): fetch with our heads.
+    Incomplete { have: Vec<[u8; 32]> },
+    /// Stamped too far in the future; retried later.
+    Deferred(String),
+    /// Refused: not a valid document of the claimed kind. The sender misbehaved.
+    Refused(String),
+    /// Automerge panicked on these bytes. The sender must be disconnected.
+    Panicked,
+}
+
+impl Repo {
+    /// Our documents changed after `since` (see [`crate::store::Store::feed_since`]).
+    pub fn feed(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<RemoteDoc>, u64, bool)> {
+        let (entries, last, more) = self.store.feed_since(since, max_entries, max_bytes)?;
+        let docs = entries
+            .into_iter()
+            .map(|e| RemoteDoc {
+                id: e.id,
+                kind: e.meta.kind,
+                tracker: e.meta.tracker,
+                heads: e.meta.heads,
+                data: e.data,
+                seq: e.seq,
+            })
+            .collect();
+        Ok((docs, last, more))
+    }
+
+    /// Everything of `id` a peer with heads `have` lacks.
+    pub fn fetch(&self, id: Uuid, have: &[[u8; 32]]) -> Result<Option<RemoteDoc>> {
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        let Some(loaded) = self.ensure_loaded(id, &mut guard)? else {
+            return Ok(None);
+        };
+        let Some(meta) = loaded.meta.clone() else {
+            return Ok(None);
+        };
+        let have: Vec<ChangeHash> = have.iter().map(|h| ChangeHash(*h)).collect();
+        // Heads we do not know make Automerge return everything, which is what the peer needs.
+        let data = loaded.doc.save_after(&have);
+        Ok(Some(RemoteDoc {
+            id,
+            kind: meta.kind,
+            tracker: meta.tracker,
+            heads: meta.heads,
+            data,
+            seq: 0,
+        }))
+    }
+
+    /// Merge documents from a peer. Each is applied on its own; the durable wait is shared.
+    pub fn apply_remote(&self, docs: Vec<RemoteDoc>) -> Result<Vec<(Uuid, u64, Applied)>> {
+        let _writing = self.store.begin_write();
+        let mut out = Vec::with_capacity(docs.len());
+        let mut last_ticket = None;
+        let mut events = Vec::new();
+        for doc in docs {
+            let (id, seq) = (doc.id, doc.seq);
+            let (applied, ticket) = self.apply_one(doc, &mut events)?;
+            if ticket.is_some() {
+                last_ticket = ticket;
+            }
+            out.push((id, seq, applied));
+        }
+        if let Some(t) = last_ticket {
+            self.store.wait_durable(t)?;
+            self.signal_change();
+        }
+        for ev in events {
+            let _ = self.events.send(ev);
+        }
+        Ok(out)
+    }
+
+    fn apply_one(
+        &self,
+        remote: RemoteDoc,
+        events: &mut Vec<ItemEvent>,
+    ) -> Result<(Applied, Option<crate::store::Ticket>)> {
+        let id = remote.id;
+        if let Some(m) = self.store.doc_meta(id)? {
+            if m.heads == remote.heads {
+                return Ok((Applied::Unchanged, None));
+            }
+            if m.kind != remote.kind {
+                return Ok((
+                    Applied::Refused(format!("document {id} changes kind")),
+                    None,
+                ));
+            }
+        }
+        let slot = self.slot(id);
+        let mut guard = slot.lock().expect("doc lock");
+        let existing = self.ensure_loaded(id, &mut guard)?.is_some();
+        let before: Vec<[u8; 32]> = guard
+            .as_ref()
+            .and_then(|l| l.meta.as_ref())
+            .map(|m| m.heads.clone())
+            .unwrap_or_default();
+
+        // Merge inside catch_unwind: automerge 0.12 panics on some crafted chunks.
+        let merged = catch_unwind(AssertUnwindSafe(|| -> Result<AutoCommit, String> {
+            match guard.take() {
+                Some(mut loaded) => {
+                    loaded
+                        .doc
+                        .load_incremental(&remote.data)
+                        .map_err(|e| e.to_string())?;
+                    Ok(loaded.doc)
+                }
+                None => {
+                    let mut doc = AutoCommit::load(&remote.data).map_err(|e| e.to_string())?;
+                    doc.set_actor(actor_for(self.node));
+                    Ok(doc)
+                }
+            }
+        }));
+        // From here the slot is empty; on any early return the document reloads from disk.
+        let mut doc = match merged {
+            Ok(Ok(doc)) => doc,
+            Ok(Err(e)) if !existing => {
+                // A new document that does not load from these bytes alone: ask for all of it.
+                tracing::debug!(doc = %id, error = %e, "remote document incomplete");
+                return Ok((Applied::Incomplete { have: Vec::new() }, None));
+            }
+            Ok(Err(e)) => return Ok((Applied::Refused(format!("document {id}: {e}")), None)),
+            Err(_) => {
+                tracing::warn!(doc = %id, "automerge panicked on a peer's bytes");
+                return Ok((Applied::Panicked, None));
+            }
+        };
+        let complete = catch_unwind(AssertUnwindSafe(|| {
+            remote
+                .heads
+                .iter()
+                .all(|h| doc.get_change_by_hash(&ChangeHash(*h)).is_some())
+        }))
+        .unwrap_or(false);
+        if !complete {
+            return Ok((Applied::Incomplete { have: before }, None));
+        }
+
+        // Validate the merged document as what it claims to be.
+        let check = catch_unwind(AssertUnwindSafe(|| -> Result<Checked, String> {
+            let max = crate::register::max_hlc(&doc);
+            match remote.kind {
+                DocKind::Item => {
+                    let idoc = ItemDoc::new(&mut doc);
+                    let tracker = idoc.tracker().map_err(|e| e.to_string())?;
+                    let view = idoc
+                        .view(id, self.policy_of(tracker))
+                        .map_err(|e| e.to_string())?;
+                    let display = (!existing)
+                        .then(|| view.display_id.clone())
+                        .filter(|d| !d.is_empty());
+                    Ok((tracker, view.deleted, display, max, None))
+                }
+                DocKind::Tracker => {
+                    let t = TrackerDoc::new(&mut doc)
+                        .view(id)
+                        .map_err(|e| e.to_string())?;
+                    Ok((id, false, None, max, Some(t.name)))
+                }
+            }
+        }));
+        let (tracker, deleted, display, max, name) = match check {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Ok((Applied::Refused(format!("document {id}: {e}")), None)),
+            Err(_) => return Ok((Applied::Panicked, None)),
+        };
+        if remote.kind == DocKind::Item && tracker != remote.tracker {
+            return Ok((
+                Applied::Refused(format!(
+                    "item {id} claims tracker {} but holds {tracker}",
+                    remote.tracker
+                )),
+                None,
+            ));
+        }
+        if let Some(m) = max {
+            let now = self.clock.now_ms();
+            let mut clock = self.hlc.lock().expect("hlc lock");
+            if let Err(e) = clock.observe(m, now) {
+                tracing::warn!(doc = %id, error = %e, "remote change waits for the local clock");
+                return Ok((Applied::Deferred(e.to_string()), None));
+            }
+        }
+        let meta = if existing {
+            let mut m = self.store.doc_meta(id)?;
+            if let Some(m) = m.as_mut() {
+                m.heads = before;
+            }
+            m
+        } else {
+            None
+        };
+        *guard = Some(Loaded {
+            doc,
+            meta,
+            max_hlc: max,
+        });
+        let index = match remote.kind {
+            DocKind::Item => Indexing {
+                display_id: display,
+                ..Indexing::item(tracker, deleted)
+            },
+            DocKind::Tracker => Indexing {
+                // Index the name unless a local tracker already holds it (ids stay unique).
+                tracker_name: name.filter(|n| {
+                    self.store
+                        .tracker_by_name(n)
+                        .ok()
+                        .flatten()
+                        .is_none_or(|t| t == id)
+                }),
+                ..Indexing::tracker(id)
+            },
+        };
+        let ticket = self.persist(id, &mut guard, index)?;
+        drop(guard);
+        match remote.kind {
+            DocKind::Tracker => {
+                self.refresh_tracker(id)?;
+            }
+            DocKind::Item => events.push(ItemEvent {
+                item: id,
+                tracker,
+                source: Source::Remote,
+            }),
+        }
+        Ok((Applied::Merged, Some(ticket)))
+    }
+}
