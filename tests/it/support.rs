@@ -32,6 +32,11 @@ impl TestNode {
 
     /// Start a node on `dir` (kept by the caller across restarts).
     pub async fn start_in(dir: &Path) -> TestNode {
+        TestNode::start_listening(dir, "/ip4/127.0.0.1/tcp/0").await
+    }
+
+    /// Start a node on `dir` listening on `listen` (a fixed port survives restarts).
+    pub async fn start_listening(dir: &Path, listen: &str) -> TestNode {
         let addr_file = dir.join("api-addr");
         // A node killed with SIGKILL leaves its api-addr behind; wait for the new one.
         let _ = std::fs::remove_file(&addr_file);
@@ -42,7 +47,7 @@ impl TestNode {
                 "127.0.0.1:0",
                 "--no-mdns",
                 "--listen",
-                "/ip4/127.0.0.1/tcp/0",
+                listen,
                 "--data",
             ])
             .arg(dir)
@@ -174,6 +179,15 @@ impl TestNode {
         })
         .await
     }
+}
+
+/// A TCP port that was free a moment ago (for nodes that must keep their address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// How long a change may take to reach another node before a test fails.
