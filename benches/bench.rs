@@ -42,6 +42,16 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         clients: Vec<usize>,
     },
+    /// Two nodes over libp2p on loopback: initial sync, 1% catch-up after the receiver was
+    /// offline, already-synced reconnect, live propagation latency.
+    Sync {
+        /// Item counts (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        items: Vec<u64>,
+        /// Live edits timed.
+        #[arg(long, default_value_t = 1000)]
+        live: usize,
+    },
 }
 
 #[tokio::main]
@@ -53,6 +63,12 @@ async fn main() -> Result<()> {
             items,
             clients,
         } => local(seconds, &items, &clients).await,
+        Cmd::Sync { items, live } => {
+            for n in items {
+                sync_bench(n, live).await?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -200,6 +216,19 @@ impl RunningNode {
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Graceful stop (SIGTERM): the node flushes and exits.
+    pub async fn terminate(mut self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        self.child.wait().await?;
+        Ok(())
     }
 }
 
@@ -420,4 +449,245 @@ async fn seed_store(dir: &Path, n: u64) -> Result<()> {
     }
     repo.store().flush()?;
     Ok(())
+}
+
+const LISTEN: [&str; 2] = ["--listen", "/ip4/127.0.0.1/tcp/0"];
+
+/// Poll every millisecond until `check` holds; fail after `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, check: F) -> Result<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            bail!("{what}: not done after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn sync_bench(n: u64, live: usize) -> Result<()> {
+    let scratch = Scratch::new(&format!("sync-{n}"))?;
+    let (a_dir, b_dir) = (scratch.0.join("a"), scratch.0.join("b"));
+    let t0 = Instant::now();
+    seed_store(&a_dir, n).await?;
+    eprintln!("seeded {n} items in {:?}", t0.elapsed());
+    let a = RunningNode::start(&a_dir, &LISTEN).await?;
+    let mut b = RunningNode::start(&b_dir, &LISTEN).await?;
+    let (a_addr, b_addr) = (a.p2p_addr().await?, b.p2p_addr().await?);
+    let limit = Duration::from_secs(600);
+
+    // 1. Initial sync: B (empty) gets all N once the pair is authorized.
+    let bytes0 = a.metric("trackersync_sync_bytes_sent").await;
+    let t0 = Instant::now();
+    a.post("/peers", &json!({"addr": b_addr})).await?;
+    b.post("/peers", &json!({"addr": a_addr})).await?;
+    until(limit, "initial sync", || async {
+        Ok(b.get("/status").await?["items"].as_u64() == Some(n))
+    })
+    .await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let bytes = a.metric("trackersync_sync_bytes_sent").await - bytes0;
+    emit(
+        json!({"bench": "sync", "scenario": "initial_sync", "n": n, "seconds": secs, "items_per_s": n as f64 / secs,
+        "bytes_a_to_b": bytes, "peak_rss_mb_a": a.rss_mb().1, "peak_rss_mb_b": b.rss_mb().1}),
+    );
+
+    // 2. Catch-up: B offline while 1% of items change on A (three fields each, as the peer
+    // harnesses do), then B restarts and catches up.
+    let b_seq = b.metric("trackersync_change_seq").await;
+    b.stop().await;
+    let page_ids = all_ids(&a, n).await?;
+    let edited = workload::catchup_indices(n, 1);
+    let mut edit_bytes = 0usize;
+    for (round, &i) in edited.iter().enumerate() {
+        let body = json!({"fields": {"status": "closed", "last_updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "notes": format!("updated in round 1 (doc {i}, {round})")}});
+        edit_bytes += body.to_string().len();
+        let res = a
+            .http
+            .patch(format!("{}/api/v1/items/{}", a.base, page_ids[i as usize]))
+            .bearer_auth(&a.token)
+            .json(&body)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("edit failed: {}", res.status());
+        }
+    }
+    let k = edited.len() as f64;
+    let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
+    let t0 = Instant::now();
+    b = RunningNode::start(&b_dir, &LISTEN).await?;
+    let spawn_to_api = t0.elapsed();
+    until(limit, "catch-up", || async {
+        Ok(b.metric("trackersync_change_seq").await >= b_seq + k)
+    })
+    .await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let sent = a.metric("trackersync_sync_bytes_sent").await - a_sent0;
+    let b_in = b.metric("trackersync_sync_bytes_received").await;
+    let b_out = b.metric("trackersync_sync_bytes_sent").await;
+    emit(
+        json!({"bench": "sync", "scenario": "catch_up_restart", "n": n, "items": k, "seconds_from_spawn": secs,
+        "seconds_after_api_up": secs - spawn_to_api.as_secs_f64(), "bytes_a_to_b": sent, "bytes_b_in": b_in, "bytes_b_out": b_out,
+        "edit_json_bytes": edit_bytes, "peak_rss_mb_b": b.rss_mb().1}),
+    );
+
+    // 3. Already synced: B restarts with nothing new; time until its first pull confirms.
+    b.terminate().await?;
+    let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
+    let a_in0 = a.metric("trackersync_sync_bytes_received").await;
+    let t0 = Instant::now();
+    b = RunningNode::start(&b_dir, &LISTEN).await?;
+    let spawn_to_api = t0.elapsed();
+    let connected = until(limit, "reconnect", || async {
+        Ok(b.get("/peers")
+            .await?
+            .as_array()
+            .and_then(|p| p.first())
+            .is_some_and(|p| p["connected"] == true))
+    })
+    .await?;
+    let confirmed = until(limit, "already-synced confirmation", || async {
+        Ok(b.get("/peers")
+            .await?
+            .as_array()
+            .and_then(|p| p.first())
+            .is_some_and(|p| !p["checkpoint"].is_null()))
+    })
+    .await?;
+    let bytes = (a.metric("trackersync_sync_bytes_sent").await - a_sent0)
+        + (a.metric("trackersync_sync_bytes_received").await - a_in0);
+    emit(
+        json!({"bench": "sync", "scenario": "already_synced", "n": n, "seconds_from_spawn": t0.elapsed().as_secs_f64(),
+        "api_up_s": spawn_to_api.as_secs_f64(), "connect_s": connected.as_secs_f64(), "confirm_after_connect_s": confirmed.as_secs_f64(),
+        "bytes_both_ways": bytes}),
+    );
+
+    // 4. Live latency: single-field edits on A, observed through B's event stream.
+    let target = page_ids[0].clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let res = b
+        .http
+        .get(format!("{}/api/v1/events", b.base))
+        .bearer_auth(&b.token)
+        .send()
+        .await?;
+    let watch_id = target.clone();
+    let reader = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut body = res.bytes_stream();
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find('\n') {
+                let line: String = buf.drain(..=pos).collect();
+                if line.starts_with("data:") && line.contains(&watch_id) {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        }
+    });
+    let mut lat = Vec::with_capacity(live);
+    for j in 0..live {
+        let t = Instant::now();
+        let res = a
+            .http
+            .patch(format!("{}/api/v1/items/{target}", a.base))
+            .bearer_auth(&a.token)
+            .json(&json!({"fields": {"notes": format!("LIVE|{j}")}}))
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("live edit failed: {}", res.status());
+        }
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await?
+            .context("event stream ended")?;
+        lat.push(seen.duration_since(t).as_secs_f64() * 1000.0);
+        // Drop duplicate events of this edit, if any.
+        while rx.try_recv().is_ok() {}
+    }
+    reader.abort();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    emit(
+        json!({"bench": "sync", "scenario": "live_latency", "n": n, "edits": live, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lat[lat.len() - 1]}),
+    );
+    a.stop().await;
+    b.stop().await;
+    Ok(())
+}
+
+/// Item ids of the bench tracker, in creation order (= workload record order: seeding is
+/// concurrent, so order by case_id).
+async fn all_ids(node: &RunningNode, n: u64) -> Result<Vec<String>> {
+    let mut ids = vec![String::new(); n as usize];
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = "/trackers/cases/items?limit=1000".to_string();
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={a}"));
+        }
+        let page = node.get(&path).await?;
+        for item in page["items"].as_array().into_iter().flatten() {
+            let i: usize = item["fields"]["case_id"]
+                .as_str()
+                .and_then(|c| c.strip_prefix("CASE-"))
+                .and_then(|c| c.parse().ok())
+                .context("case_id")?;
+            ids[i] = item["id"].as_str().context("id")?.to_string();
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => return Ok(ids),
+        }
+    }
+}
+
+impl RunningNode {
+    /// One figure from /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let Ok(res) = self.http.get(format!("{}/metrics", self.base)).send().await else {
+            return 0.0;
+        };
+        let text = res.text().await.unwrap_or_default();
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Json> {
+        let res = self
+            .http
+            .get(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Ok(res.json().await?)
+    }
+
+    /// `/ip4/127.0.0.1/tcp/<port>/p2p/<peer id>`.
+    pub async fn p2p_addr(&self) -> Result<String> {
+        for _ in 0..1000 {
+            let s = self.get("/status").await?;
+            if let Some(a) = s["listen_addrs"]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(Json::as_str)
+            {
+                return Ok(format!("{a}/p2p/{}", s["peer_id"].as_str().unwrap_or("")));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        bail!("node is not listening")
+    }
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     flushes: Gauge,
     last_seq: Gauge,
     disk_bytes: Gauge,
+    sync_in: Gauge,
+    sync_out: Gauge,
 }
 
 impl Default for Metrics {
@@ -63,7 +65,21 @@ impl Metrics {
             "Bytes the store occupies on disk",
             disk_bytes.clone(),
         );
+        let sync_in = Gauge::default();
+        registry.register(
+            "sync_bytes_received",
+            "Sync protocol bytes received from peers",
+            sync_in.clone(),
+        );
+        let sync_out = Gauge::default();
+        registry.register(
+            "sync_bytes_sent",
+            "Sync protocol bytes sent to peers",
+            sync_out.clone(),
+        );
         Metrics {
+            sync_in,
+            sync_out,
             registry,
             requests,
             items,
@@ -92,6 +108,9 @@ impl Metrics {
         self.last_seq.set(store.last_seq() as i64);
         self.disk_bytes
             .set(store.size_on_disk().unwrap_or(0) as i64);
+        let (bytes_in, bytes_out) = crate::net::wire_bytes();
+        self.sync_in.set(bytes_in as i64);
+        self.sync_out.set(bytes_out as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -13,6 +13,12 @@
 
 mod wire;
 
+/// Sync bytes (read, written) by this process so far.
+pub fn wire_bytes() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (wire::BYTES_IN.load(Relaxed), wire::BYTES_OUT.load(Relaxed))
+}
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -688,8 +694,9 @@ impl EventLoop {
                 };
                 let max = (pull.max_entries as usize).clamp(1, wire::PULL_MAX_ENTRIES);
                 let node = repo.node();
+                let requester = crate::store::peer_tag(&peer.to_bytes());
                 tokio::task::spawn_blocking(move || {
-                    let response = match repo.feed(since, max, wire::PULL_MAX_BYTES) {
+                    let response = match repo.feed(since, max, wire::PULL_MAX_BYTES, requester) {
                         Ok((docs, last_seq, more)) => pb::Response {
                             version: wire::VERSION,
                             body: Some(pb::response::Body::Pull(pb::PullReply {
@@ -820,7 +827,23 @@ impl EventLoop {
         let repo = self.repo.clone();
         let work = self.work_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let result = repo.apply_remote(docs).map_err(|e| e.to_string());
+            let from = crate::store::peer_tag(&peer.to_bytes());
+            // Documents are independent: apply a page on every core.
+            let mut docs = docs;
+            let half = docs.split_off(docs.len() / 2);
+            let (first, second) = std::thread::scope(|s| {
+                let h = s.spawn(|| repo.apply_remote(half, from));
+                let first = repo.apply_remote(docs, from);
+                (first, h.join())
+            });
+            let result = match (first, second) {
+                (Ok(mut a), Ok(Ok(b))) => {
+                    a.extend(b);
+                    Ok(a)
+                }
+                (Err(e), _) | (_, Ok(Err(e))) => Err(e.to_string()),
+                (_, Err(_)) => Err("applying a page panicked".to_string()),
+            };
             let _ = work.blocking_send(Work::Applied(peer, page, result, after_fetch));
         });
     }
@@ -897,13 +920,16 @@ impl EventLoop {
             Some(b) => b.saturating_sub(1),
             None => page.last_seq,
         };
-        if let Err(e) =
-            self.repo
-                .store()
-                .set_checkpoint(&peer.to_bytes(), page.incarnation, checkpoint)
-        {
-            tracing::error!(%peer, error = %e, "cannot save checkpoint");
-        }
+        // Saved off the loop (it waits for a flush); one pull per peer is in flight, so the
+        // saves of one peer's checkpoints cannot overtake each other in practice, and a lost
+        // or stale checkpoint only costs a re-pull.
+        let repo = self.repo.clone();
+        let (key, incarnation) = (peer.to_bytes(), page.incarnation);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = repo.store().set_checkpoint(&key, incarnation, checkpoint) {
+                tracing::error!(error = %e, "cannot save checkpoint");
+            }
+        });
         if page.received > 0 {
             tracing::info!(%peer, items = page.received, checkpoint, ms = page.started.elapsed().as_millis() as u64, "sync session page");
         }

@@ -105,6 +105,11 @@ struct Indexing {
     deleted: bool,
     display_id: Option<String>,
     tracker_name: Option<String>,
+    /// Peer tag when the document now equals that peer's copy (see `DocMeta::source`).
+    source: u64,
+    /// For a new document received whole: its bytes as received (they loaded and hold every
+    /// head), stored as the snapshot instead of encoding the document again.
+    received: Option<Vec<u8>>,
 }
 
 impl Indexing {
@@ -115,6 +120,8 @@ impl Indexing {
             deleted: false,
             display_id: None,
             tracker_name: None,
+            source: 0,
+            received: None,
         }
     }
 
@@ -125,6 +132,8 @@ impl Indexing {
             deleted,
             display_id: None,
             tracker_name: None,
+            source: 0,
+            received: None,
         }
     }
 }
@@ -277,7 +286,7 @@ impl Repo {
     }
 
     /// Commit the document's latest change to the store. On failure the cached copy is dropped.
-    fn persist(&self, id: Uuid, slot: &mut Option<Loaded>, index: Indexing) -> Result<Ticket> {
+    fn persist(&self, id: Uuid, slot: &mut Option<Loaded>, mut index: Indexing) -> Result<Ticket> {
         let loaded = slot
             .as_mut()
             .expect("persist is called on a loaded document");
@@ -287,6 +296,9 @@ impl Repo {
             }
             // New documents and compaction: compressed (measured: 25% less disk per item
             // through sled, no measurable throughput cost once mimalloc is in place).
+            None if index.received.is_some() => {
+                DocData::Snapshot(index.received.take().unwrap_or_default())
+            }
             _ => DocData::Snapshot(loaded.doc.save()),
         };
         let heads = heads_of(&mut loaded.doc);
@@ -300,6 +312,7 @@ impl Repo {
             display_id: index.display_id,
             tracker_name: index.tracker_name,
             hlc: self.clock_last(),
+            source: index.source,
         };
         match self.store.commit(write) {
             Ok((ticket, meta)) => {

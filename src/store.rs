@@ -97,6 +97,21 @@ pub struct DocMeta {
     /// Incremental chunks stored after the snapshot.
     pub chunks: u32,
     pub deleted: bool,
+    /// The peer (a hash of its PeerId, see [`peer_tag`]) this state was received from, when
+    /// our heads equal that peer's; 0 after a local write. Serving that peer's pull skips the
+    /// document: it already has exactly this.
+    pub source: u64,
+}
+
+/// A stable 64-bit tag for a peer, for [`DocMeta::source`]. Never 0.
+pub fn peer_tag(peer: &[u8]) -> u64 {
+    // FNV-1a: stable across runs and builds, which std's hasher is not.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in peer {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
 }
 
 impl DocMeta {
@@ -115,6 +130,7 @@ impl DocMeta {
         for h in &self.heads {
             out.extend_from_slice(h);
         }
+        out.extend_from_slice(&self.source.to_be_bytes());
         out
     }
 
@@ -133,9 +149,11 @@ impl DocMeta {
         let deleted = b[30] != 0;
         let n = u16::from_be_bytes(b[31..33].try_into().ok()?) as usize;
         let rest = &b[33..];
-        if rest.len() != n * 32 {
+        if rest.len() != n * 32 + 8 {
             return None;
         }
+        let (rest, source) = rest.split_at(n * 32);
+        let source = u64::from_be_bytes(source.try_into().ok()?);
         let heads = rest
             .chunks_exact(32)
             .map(|c| c.try_into().expect("32-byte chunk"))
@@ -147,6 +165,7 @@ impl DocMeta {
             heads,
             chunks,
             deleted,
+            source,
         })
     }
 }
@@ -172,6 +191,8 @@ pub struct DocWrite {
     pub tracker_name: Option<String>,
     /// Highest stamp the node has issued or seen; persisted so the clock survives restarts.
     pub hlc: Hlc,
+    /// See [`DocMeta::source`].
+    pub source: u64,
 }
 
 /// Stored bytes of one document.
@@ -417,6 +438,7 @@ impl Store {
             heads: w.heads,
             chunks,
             deleted: w.deleted,
+            source: w.source,
         };
         batch.insert(key(P_DOCMETA, &[id.as_bytes()]), meta.encode());
         if let Some(o) = &old {
@@ -561,12 +583,15 @@ impl Store {
 
     /// Documents changed after `since`, in sequence order: at most `max_entries` or about
     /// `max_bytes` of data. Returns the entries, the last sequence number covered and whether
-    /// more follow. Reads store metadata and bytes only; never decodes Automerge.
+    /// more follow. Reads store metadata and bytes only; never decodes Automerge. Documents
+    /// whose [`DocMeta::source`] is `skip_source` are left out: the requester sent us exactly
+    /// that state.
     pub fn feed_since(
         &self,
         since: u64,
         max_entries: usize,
         max_bytes: usize,
+        skip_source: u64,
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
         let start = key(P_SEQ, &[&since.saturating_add(1).to_be_bytes()]);
         let end = key(P_SEQ, &[&u64::MAX.to_be_bytes()]);
@@ -587,6 +612,9 @@ impl Store {
             let Some(doc) = self.load_doc(id)? else {
                 continue;
             };
+            if skip_source != 0 && doc.meta.source == skip_source {
+                continue;
+            }
             let data = if doc.chunks.is_empty() {
                 doc.snapshot
             } else {
@@ -618,12 +646,14 @@ impl Store {
         }
     }
 
-    /// Record a checkpoint. Call only once what it covers is durable; it is flushed with
-    /// the next group commit (losing it only costs a re-pull).
+    /// Record a checkpoint, durably (it shares a group commit). Call only once what it
+    /// covers is durable. Blocks: keep it off async threads.
     pub fn set_checkpoint(&self, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
+        let _writing = self.begin_write();
         let v = [incarnation.as_bytes().as_slice(), &seq.to_be_bytes()].concat();
         self.db.insert(key(P_CHECKPOINT, &[peer]), v)?;
-        Ok(())
+        let ticket = Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
+        self.wait_durable(ticket)
     }
 
     /// Stored peer configurations (JSON), keyed by peer id text.
@@ -753,6 +783,7 @@ mod tests {
             display_id: None,
             tracker_name: None,
             hlc: Hlc::default(),
+            source: 0,
         }
     }
 

@@ -98,6 +98,10 @@ pub fn doc_to_wire(d: RemoteDoc) -> pb::Entry {
     }
 }
 
+/// Sync bytes this process has read and written (frames, with their length prefixes).
+pub static BYTES_IN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static BYTES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Length-prefixed (u32 BE) protobuf frames, size-checked before anything is allocated.
 #[derive(Clone, Default)]
 pub struct Codec;
@@ -117,6 +121,7 @@ async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
+    BYTES_IN.fetch_add(4 + len as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(buf)
 }
 
@@ -133,6 +138,7 @@ async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
     }
     io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
     io.write_all(&bytes).await?;
+    BYTES_OUT.fetch_add(4 + bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     io.close().await
 }
 

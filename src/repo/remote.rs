@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use automerge::{AutoCommit, ChangeHash};
 use uuid::Uuid;
 
-use super::{Indexing, ItemEvent, Loaded, Repo, Result, Source};
+use super::{heads_of, Indexing, ItemEvent, Loaded, Repo, Result, Source};
 use crate::hlc::Hlc;
 use crate::item::{actor_for, ItemDoc};
 use crate::schema::TrackerDoc;
@@ -50,14 +50,18 @@ pub enum Applied {
 }
 
 impl Repo {
-    /// Our documents changed after `since` (see [`crate::store::Store::feed_since`]).
+    /// Our documents changed after `since` (see [`crate::store::Store::feed_since`]);
+    /// `requester` (a peer tag) gets no documents it sent us itself.
     pub fn feed(
         &self,
         since: u64,
         max_entries: usize,
         max_bytes: usize,
+        requester: u64,
     ) -> Result<(Vec<RemoteDoc>, u64, bool)> {
-        let (entries, last, more) = self.store.feed_since(since, max_entries, max_bytes)?;
+        let (entries, last, more) =
+            self.store
+                .feed_since(since, max_entries, max_bytes, requester)?;
         let docs = entries
             .into_iter()
             .map(|e| RemoteDoc {
@@ -96,14 +100,19 @@ impl Repo {
     }
 
     /// Merge documents from a peer. Each is applied on its own; the durable wait is shared.
-    pub fn apply_remote(&self, docs: Vec<RemoteDoc>) -> Result<Vec<(Uuid, u64, Applied)>> {
+    /// `from` is the sender's peer tag.
+    pub fn apply_remote(
+        &self,
+        docs: Vec<RemoteDoc>,
+        from: u64,
+    ) -> Result<Vec<(Uuid, u64, Applied)>> {
         let _writing = self.store.begin_write();
         let mut out = Vec::with_capacity(docs.len());
         let mut last_ticket = None;
         let mut events = Vec::new();
         for doc in docs {
             let (id, seq) = (doc.id, doc.seq);
-            let (applied, ticket) = self.apply_one(doc, &mut events)?;
+            let (applied, ticket) = self.apply_one(doc, from, &mut events)?;
             if ticket.is_some() {
                 last_ticket = ticket;
             }
@@ -122,6 +131,7 @@ impl Repo {
     fn apply_one(
         &self,
         remote: RemoteDoc,
+        from: u64,
         events: &mut Vec<ItemEvent>,
     ) -> Result<(Applied, Option<crate::store::Ticket>)> {
         let id = remote.id;
@@ -241,14 +251,26 @@ impl Repo {
         } else {
             None
         };
+        // When we now hold exactly the sender's state, serving its pulls can skip this document.
+        let same_as_sender = {
+            let mut ours = heads_of(&mut doc);
+            ours.sort_unstable();
+            let mut theirs = remote.heads.clone();
+            theirs.sort_unstable();
+            ours == theirs
+        };
         *guard = Some(Loaded {
             doc,
             meta,
             max_hlc: max,
         });
+        let source = if same_as_sender { from } else { 0 };
+        let received = (!existing).then(|| remote.data.clone());
         let index = match remote.kind {
             DocKind::Item => Indexing {
                 display_id: display,
+                source,
+                received,
                 ..Indexing::item(tracker, deleted)
             },
             DocKind::Tracker => Indexing {
