@@ -299,6 +299,13 @@ struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
 }
 
+/// A frame that did not decode (bad protobuf, or over the size limit: `wire::Codec` reports
+/// both as `InvalidData`): the peer misbehaves. Timeouts and closed connections are not its
+/// fault.
+fn garbled_io(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidData
+}
+
 fn refused(reason: &str) -> pb::Response {
     pb::Response {
         version: wire::VERSION,
@@ -615,6 +622,8 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(%peer, error = %error, "request failed");
+                let garbled =
+                    matches!(&error, request_response::OutboundFailure::Io(e) if garbled_io(e));
                 if let Some(out) = self.outbound.remove(&request_id) {
                     match out {
                         Outbound::Pull(_) | Outbound::Fetch(_) => {
@@ -630,9 +639,15 @@ impl EventLoop {
                         }
                     }
                 }
+                if garbled {
+                    self.drop_peer(peer, &format!("sent an undecodable response: {error}"));
+                }
             }
             Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, error = %error, "inbound request failed");
+                if matches!(&error, request_response::InboundFailure::Io(e) if garbled_io(e)) {
+                    self.drop_peer(peer, &format!("sent an undecodable request: {error}"));
+                }
             }
             Event::ResponseSent { .. } => {}
         }

@@ -175,11 +175,8 @@ impl Repo {
         // From here the slot is empty; on any early return the document reloads from disk.
         let mut doc = match merged {
             Ok(Ok(doc)) => doc,
-            Ok(Err(e)) if !existing => {
-                // A new document that does not load from these bytes alone: ask for all of it.
-                tracing::debug!(doc = %id, error = %e, "remote document incomplete");
-                return Ok((Applied::Incomplete { have: Vec::new() }, None));
-            }
+            // Bytes Automerge cannot parse are not a document (missing dependencies load fine
+            // and are caught below).
             Ok(Err(e)) => return Ok((Applied::Refused(format!("document {id}: {e}")), None)),
             Err(_) => {
                 tracing::warn!(doc = %id, "automerge panicked on a peer's bytes");
@@ -298,5 +295,180 @@ impl Repo {
             }),
         }
         Ok((Applied::Merged, Some(ticket)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The Automerge-facing wrapper against hostile documents: each is refused or deferred,
+    //! and the store is left as it was.
+
+    use std::sync::Arc;
+
+    use automerge::transaction::Transactable;
+    use serde_json::json;
+
+    use super::*;
+    use crate::hlc::{ManualClock, NodeId, DEFAULT_MAX_DRIFT_MS};
+    use crate::model::{ConflictPolicy, FieldDef, FieldType};
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn repo(dir: &std::path::Path, node: u8) -> Repo {
+        let clock = Arc::new(ManualClock::new(NOW));
+        Repo::open(
+            dir,
+            NodeId(Uuid::from_bytes([node; 16])),
+            clock,
+            DEFAULT_MAX_DRIFT_MS,
+        )
+        .expect("open")
+    }
+
+    fn text(name: &str) -> FieldDef {
+        FieldDef {
+            name: name.into(),
+            ty: FieldType::Text,
+            label: name.into(),
+            required: false,
+            options: vec![],
+        }
+    }
+
+    /// A tracker and one item on a peer repo, as documents it would send.
+    fn peer_docs(dir: &std::path::Path) -> (Repo, Vec<RemoteDoc>) {
+        let peer = repo(dir, 9);
+        peer.create_tracker("t", vec![text("a")], ConflictPolicy::Newer)
+            .expect("tracker");
+        peer.create_item("t", json!({"a": "x"}).as_object().cloned().expect("map"))
+            .expect("item");
+        let (docs, _, _) = peer.feed(0, 100, 1 << 20, 0).expect("feed");
+        (peer, docs)
+    }
+
+    fn item_of(docs: &[RemoteDoc]) -> RemoteDoc {
+        docs.iter()
+            .find(|d| d.kind == DocKind::Item)
+            .cloned()
+            .expect("an item")
+    }
+
+    #[test]
+    fn honest_documents_apply_and_reapply_as_unchanged() {
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (_peer, docs) = peer_docs(a.path());
+        let us = repo(b.path(), 1);
+        let out = us.apply_remote(docs.clone(), 7).expect("apply");
+        assert!(out.iter().all(|(_, _, r)| *r == Applied::Merged), "{out:?}");
+        let out = us.apply_remote(docs, 7).expect("apply");
+        assert!(
+            out.iter().all(|(_, _, r)| *r == Applied::Unchanged),
+            "{out:?}"
+        );
+        assert_eq!(us.store().live_items(), 1);
+    }
+
+    #[test]
+    fn hostile_documents_are_refused_and_change_nothing() {
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (_peer, docs) = peer_docs(a.path());
+        let us = repo(b.path(), 1);
+        let item = item_of(&docs);
+
+        let mut garbage = item.clone();
+        garbage.data = vec![0x85, 0x6f, 0x4a, 0x83, 0xff, 0xff, 0xff, 0xff, 0x01];
+        let mut empty = item.clone();
+        empty.data.clear();
+        let mut not_an_item = item.clone();
+        not_an_item.data = {
+            let mut d = AutoCommit::new();
+            d.put(automerge::ROOT, "hello", "world").expect("put");
+            d.save()
+        };
+        let mut wrong_tracker = item.clone();
+        wrong_tracker.tracker = Uuid::from_bytes([3; 16]);
+        let mut truncated = item.clone();
+        truncated.data.truncate(truncated.data.len() / 2);
+        let mut flipped = item.clone();
+        let mid = flipped.data.len() / 2;
+        flipped.data[mid] ^= 0xff;
+
+        for (what, doc) in [
+            ("garbage", garbage),
+            ("empty", empty),
+            ("not an item", not_an_item),
+            ("wrong tracker", wrong_tracker),
+            ("truncated", truncated),
+            ("flipped byte", flipped),
+        ] {
+            let out = us.apply_remote(vec![doc], 7).expect("apply");
+            assert!(
+                matches!(
+                    out[0].2,
+                    Applied::Refused(_) | Applied::Panicked | Applied::Incomplete { .. }
+                ),
+                "{what}: {:?}",
+                out[0].2
+            );
+            assert!(
+                !matches!(out[0].2, Applied::Merged | Applied::Unchanged),
+                "{what}"
+            );
+            assert_eq!(us.store().live_items(), 0, "{what} changed the store");
+            assert_eq!(us.store().last_seq(), 0, "{what} wrote something");
+        }
+        // After all that, the honest document still applies.
+        let out = us.apply_remote(docs, 7).expect("apply");
+        assert!(out.iter().all(|(_, _, r)| *r == Applied::Merged), "{out:?}");
+    }
+
+    #[test]
+    fn stamps_beyond_the_drift_bound_wait_and_nothing_else_stalls() {
+        let (a, b, c) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (_peer, honest) = peer_docs(a.path());
+        // A peer whose clock is a day ahead.
+        let ahead = Repo::open(
+            c.path(),
+            NodeId(Uuid::from_bytes([5; 16])),
+            Arc::new(ManualClock::new(NOW + 86_400_000)),
+            DEFAULT_MAX_DRIFT_MS,
+        )
+        .expect("open");
+        ahead
+            .create_tracker("t2", vec![text("a")], ConflictPolicy::Newer)
+            .expect("tracker");
+        ahead
+            .create_item(
+                "t2",
+                json!({"a": "future"}).as_object().cloned().expect("map"),
+            )
+            .expect("item");
+        let (future, _, _) = ahead.feed(0, 100, 1 << 20, 0).expect("feed");
+
+        let us = repo(b.path(), 1);
+        let mut all = future.clone();
+        all.extend(honest);
+        let out = us.apply_remote(all, 7).expect("apply");
+        let deferred = out
+            .iter()
+            .filter(|(_, _, r)| matches!(r, Applied::Deferred(_)))
+            .count();
+        let merged = out.iter().filter(|(_, _, r)| *r == Applied::Merged).count();
+        assert_eq!((deferred, merged), (future.len(), 2), "{out:?}");
+        assert!(
+            us.clock_last().wall_ms < NOW + 86_400_000,
+            "the clock did not jump ahead"
+        );
+        assert_eq!(us.store().live_items(), 1, "only the honest item");
     }
 }

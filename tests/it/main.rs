@@ -7,4 +7,5 @@ mod api;
 mod cli;
 mod crash;
 mod faults;
+mod hostile;
 mod sync;
