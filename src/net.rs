@@ -204,6 +204,7 @@ impl Net {
             work_rx,
             changes,
             listen_addrs: Vec::new(),
+            discovered: HashMap::new(),
         };
         // Dial every known peer at start-up.
         let now = Instant::now();
@@ -297,7 +298,12 @@ struct EventLoop {
     work_rx: mpsc::Receiver<Work>,
     changes: watch::Receiver<u64>,
     listen_addrs: Vec<Multiaddr>,
+    /// Addresses mDNS found for peers not (yet) authorized, so `peer add <PeerId>` can use them.
+    discovered: HashMap<PeerId, Vec<Multiaddr>>,
 }
+
+/// Most not-yet-authorized peers whose mDNS addresses we remember.
+const DISCOVERED_MAX: usize = 256;
 
 /// A frame that did not decode (bad protobuf, or over the size limit: `wire::Codec` reports
 /// both as `InvalidData`): the peer misbehaves. Timeouts and closed connections are not its
@@ -389,6 +395,13 @@ impl EventLoop {
         for a in &config.addrs {
             let m: Multiaddr = a.parse().map_err(|_| format!("{a:?} is not a multiaddr"))?;
             self.swarm.add_peer_address(peer, m);
+        }
+        for m in self.discovered.remove(&peer).unwrap_or_default() {
+            self.swarm.add_peer_address(peer, m.clone());
+            let a = m.to_string();
+            if !config.addrs.contains(&a) {
+                config.addrs.push(a);
+            }
         }
         if let Some(existing) = self.peers.get(&peer) {
             for a in &existing.config.addrs {
@@ -554,6 +567,17 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
+                    if !self.peers.contains_key(&peer) {
+                        if self.discovered.len() < DISCOVERED_MAX
+                            || self.discovered.contains_key(&peer)
+                        {
+                            let known = self.discovered.entry(peer).or_default();
+                            if !known.contains(&addr) {
+                                known.push(addr);
+                            }
+                        }
+                        continue;
+                    }
                     if let Some(s) = self.peers.get_mut(&peer) {
                         self.swarm.add_peer_address(peer, addr.clone());
                         let a = addr.to_string();

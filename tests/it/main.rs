@@ -8,4 +8,5 @@ mod cli;
 mod crash;
 mod faults;
 mod hostile;
+mod mdns;
 mod sync;
