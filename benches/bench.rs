@@ -42,6 +42,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         clients: Vec<usize>,
     },
+    /// Write the fuzz seed corpus (real wire messages and documents, plus mutations) to DIR.
+    FuzzSeeds { dir: PathBuf },
     /// Two nodes over libp2p on loopback: initial sync, 1% catch-up after the receiver was
     /// offline, already-synced reconnect, live propagation latency.
     Sync {
@@ -63,6 +65,7 @@ async fn main() -> Result<()> {
             items,
             clients,
         } => local(seconds, &items, &clients).await,
+        Cmd::FuzzSeeds { dir } => fuzz_seeds(&dir),
         Cmd::Sync { items, live } => {
             for n in items {
                 sync_bench(n, live).await?;
@@ -690,4 +693,146 @@ impl RunningNode {
         }
         bail!("node is not listening")
     }
+}
+
+/// Seeds for `fuzz/`: valid messages and documents from a real repo, and damaged copies.
+fn fuzz_seeds(dir: &Path) -> Result<()> {
+    use prost::Message;
+    use trackersync::config::{Identity, DIR_DB};
+    use trackersync::hlc::SystemClock;
+    use trackersync::net::pb;
+    use trackersync::repo::Repo;
+    let scratch = Scratch::new("seeds")?;
+    let identity = Identity::init(&scratch.0)?;
+    let repo = Repo::open(
+        &scratch.0.join(DIR_DB),
+        identity.node,
+        Arc::new(SystemClock::default()),
+        trackersync::hlc::DEFAULT_MAX_DRIFT_MS,
+    )?;
+    let text = |n: &str| trackersync::model::FieldDef {
+        name: n.into(),
+        ty: trackersync::model::FieldType::Text,
+        label: n.into(),
+        required: false,
+        options: vec![],
+    };
+    repo.create_tracker(
+        "cases",
+        vec![text("name"), text("notes")],
+        Default::default(),
+    )?;
+    let item = repo.create_item(
+        "cases",
+        workload::record(1)
+            .into_iter()
+            .filter(|(k, _)| k == "name" || k == "notes")
+            .collect(),
+    )?;
+    for i in 0..3 {
+        let mut m = serde_json::Map::new();
+        m.insert("notes".into(), json!(format!("edit {i}")));
+        repo.update_item(&item.id.to_string(), m)?;
+    }
+    let (docs, last, _) = repo.feed(0, 100, 1 << 20, 0)?;
+    let wire_dir = dir.join("corpus/wire_decode");
+    let doc_dir = dir.join("corpus/apply_document");
+    std::fs::create_dir_all(&wire_dir)?;
+    std::fs::create_dir_all(&doc_dir)?;
+    let entries: Vec<pb::Entry> = docs
+        .iter()
+        .map(|d| pb::Entry {
+            id: d.id.as_bytes().to_vec(),
+            kind: if d.kind == trackersync::store::DocKind::Item {
+                pb::DocKind::Item as i32
+            } else {
+                pb::DocKind::Tracker as i32
+            },
+            tracker: d.tracker.as_bytes().to_vec(),
+            heads: d.heads.iter().map(|h| h.to_vec()).collect(),
+            data: d.data.clone(),
+            seq: d.seq,
+        })
+        .collect();
+    let messages: Vec<Vec<u8>> = vec![
+        pb::Request {
+            version: 1,
+            body: Some(pb::request::Body::Pull(pb::Pull {
+                since: 3,
+                incarnation: vec![7; 16],
+                max_entries: 100,
+            })),
+        }
+        .encode_to_vec(),
+        pb::Request {
+            version: 1,
+            body: Some(pb::request::Body::Notify(pb::Notify { seq: 9 })),
+        }
+        .encode_to_vec(),
+        pb::Request {
+            version: 1,
+            body: Some(pb::request::Body::Fetch(pb::Fetch {
+                docs: vec![pb::Have {
+                    id: item.id.as_bytes().to_vec(),
+                    heads: vec![vec![1; 32]],
+                }],
+            })),
+        }
+        .encode_to_vec(),
+        pb::Response {
+            version: 1,
+            body: Some(pb::response::Body::Pull(pb::PullReply {
+                node: vec![1; 16],
+                incarnation: vec![2; 16],
+                last_seq: last,
+                more: false,
+                entries,
+            })),
+        }
+        .encode_to_vec(),
+        pb::Response {
+            version: 1,
+            body: Some(pb::response::Body::Refused(pb::Refused {
+                reason: "no".into(),
+            })),
+        }
+        .encode_to_vec(),
+    ];
+    let mut n = 0;
+    let mut write = |d: &Path, bytes: &[u8]| -> Result<()> {
+        n += 1;
+        std::fs::write(d.join(format!("seed-{n:03}")), bytes)?;
+        Ok(())
+    };
+    for m in &messages {
+        write(&wire_dir, m)?;
+        write(&wire_dir, &m[..m.len() / 2])?;
+    }
+    // Documents: kind byte (even = item, odd = tracker) + Automerge bytes, whole and damaged.
+    let item_bytes = {
+        let full = repo.fetch(item.id, &[])?.context("item")?;
+        full.data
+    };
+    for d in &docs {
+        let kind: u8 = if d.kind == trackersync::store::DocKind::Item {
+            2
+        } else {
+            1
+        };
+        let mut bytes = vec![kind];
+        bytes.extend_from_slice(&d.data);
+        write(&doc_dir, &bytes)?;
+        let mut truncated = bytes.clone();
+        truncated.truncate(bytes.len() * 2 / 3);
+        write(&doc_dir, &truncated)?;
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x5a;
+        write(&doc_dir, &flipped)?;
+    }
+    let mut whole = vec![4u8];
+    whole.extend_from_slice(&item_bytes);
+    write(&doc_dir, &whole)?;
+    println!("wrote {n} seeds under {}", dir.display());
+    Ok(())
 }

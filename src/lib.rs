@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod hlc;
 pub mod item;
 pub mod metrics;

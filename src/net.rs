@@ -13,6 +13,19 @@
 
 mod wire;
 
+/// Wire conversions, for the fuzz harness.
+pub fn wire_uuid(b: &[u8]) -> Result<Uuid, wire::WireError> {
+    wire::uuid(b, "id")
+}
+
+pub fn wire_heads(h: &[Vec<u8>]) -> Result<Vec<[u8; 32]>, wire::WireError> {
+    wire::heads(h)
+}
+
+pub fn wire_doc(e: pb::Entry) -> Result<RemoteDoc, wire::WireError> {
+    wire::doc_from_wire(e)
+}
+
 /// Sync bytes (read, written) by this process so far.
 pub fn wire_bytes() -> (u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;

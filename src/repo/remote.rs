@@ -428,6 +428,38 @@ mod tests {
         assert!(out.iter().all(|(_, _, r)| *r == Applied::Merged), "{out:?}");
     }
 
+    /// Found by `cargo fuzz run apply_document`: these bytes make automerge 0.12 (hexane)
+    /// panic while loading. The panic must stay inside the wrapper.
+    #[test]
+    fn automerge_panic_on_crafted_document_is_contained() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/apply_document");
+        let mut checked = 0;
+        for e in std::fs::read_dir(dir).expect("regressions").flatten() {
+            let data = std::fs::read(e.path()).expect("read");
+            let (&kind, bytes) = data.split_first().expect("non-empty");
+            let b = tempfile::tempdir().expect("dir");
+            let us = repo(b.path(), 1);
+            let doc = RemoteDoc {
+                id: Uuid::from_bytes([kind; 16]),
+                kind: if kind % 2 == 0 {
+                    DocKind::Item
+                } else {
+                    DocKind::Tracker
+                },
+                tracker: Uuid::from_bytes([kind; 16]),
+                heads: vec![[kind; 32]],
+                data: bytes.to_vec(),
+                seq: 1,
+            };
+            let out = us.apply_remote(vec![doc], 7).expect("apply returns");
+            assert_eq!(out[0].2, Applied::Panicked, "{}", e.path().display());
+            assert_eq!(us.store().last_seq(), 0);
+            checked += 1;
+        }
+        assert!(checked >= 1);
+    }
+
     #[test]
     fn stamps_beyond_the_drift_bound_wait_and_nothing_else_stalls() {
         let (a, b, c) = (
