@@ -319,6 +319,21 @@ async fn client_command(c: &Client, cmd: Command) -> Result<()> {
                         addrs.join(" ")
                     }
                 );
+                for p in s["peers"].as_array().into_iter().flatten() {
+                    println!(
+                        "peer     {} {}{}",
+                        p["peer_id"].as_str().unwrap_or(""),
+                        if p["connected"].as_bool() == Some(true) {
+                            "connected"
+                        } else {
+                            "not connected"
+                        },
+                        p["last_error"]
+                            .as_str()
+                            .map(|e| format!(" (last error: {e})"))
+                            .unwrap_or_default()
+                    );
+                }
             }
         }
         Command::Tracker(t) => tracker_command(c, t).await?,
