@@ -29,6 +29,7 @@ use crate::register::Cell;
 use crate::schema::TrackerDoc;
 use crate::store::{DocData, DocKind, DocMeta, DocWrite, Store, StoreError, Ticket};
 
+mod guard;
 mod remote;
 pub use remote::{Applied, RemoteDoc};
 
