@@ -104,6 +104,11 @@ pub struct ServeArgs {
     /// Do not discover peers with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
+    /// A deployment's shared join key: nodes started with the same key authorize each other
+    /// on first contact (ad-hoc LAN use). Prefer the environment variable to keep it out of
+    /// process listings.
+    #[arg(long, env = "TRACKERSYNC_JOIN_KEY", hide_env_values = true)]
+    pub join_key: Option<String>,
     /// Shift this node's clock by milliseconds (testing clock skew).
     #[arg(
         long,
@@ -261,6 +266,7 @@ async fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         config.listen = args.listen;
     }
     config.mdns = !args.no_mdns;
+    config.join_key = args.join_key.filter(|k| !k.is_empty());
     config.clock_offset_ms = args.clock_offset_ms;
     let node = Node::start(config).await?;
     println!(

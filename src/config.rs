@@ -34,6 +34,8 @@ pub struct Config {
     pub clock_offset_ms: i64,
     /// Write `api-addr` once listening (off for the CLI's embedded node).
     pub publish_api_addr: bool,
+    /// Shared secret of a deployment: peers proving it are authorized on first contact.
+    pub join_key: Option<String>,
 }
 
 impl Config {
@@ -46,6 +48,7 @@ impl Config {
             max_drift_ms: DEFAULT_MAX_DRIFT_MS,
             clock_offset_ms: 0,
             publish_api_addr: true,
+            join_key: None,
         }
     }
 }

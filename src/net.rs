@@ -136,6 +136,7 @@ impl Net {
         keypair: Keypair,
         listen: &[Multiaddr],
         mdns_on: bool,
+        join_key: Option<&str>,
         repo: Arc<Repo>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Net> {
@@ -218,6 +219,7 @@ impl Net {
             changes,
             listen_addrs: Vec::new(),
             discovered: HashMap::new(),
+            join_key: join_key.map(|k| blake3::derive_key(JOIN_CONTEXT, k.as_bytes())),
         };
         // Dial every known peer at start-up.
         let now = Instant::now();
@@ -288,6 +290,7 @@ enum Outbound {
     Pull(Instant),
     Fetch(PullPage),
     Notify,
+    Join,
 }
 
 enum Work {
@@ -313,6 +316,21 @@ struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     /// Addresses mDNS found for peers not (yet) authorized, so `peer add <PeerId>` can use them.
     discovered: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Key derived from the deployment's join key: peers proving it are authorized.
+    join_key: Option<[u8; 32]>,
+}
+
+/// BLAKE3 key-derivation context for join keys (fixed forever: changing it splits deployments).
+const JOIN_CONTEXT: &str = "trackersync 2026-11-22 network join key v1";
+
+/// A dial to a discovered peer at its known addresses.
+fn dial_discovered(
+    peer: &PeerId,
+    addrs: Option<&Vec<Multiaddr>>,
+) -> libp2p::swarm::dial_opts::DialOpts {
+    libp2p::swarm::dial_opts::DialOpts::peer_id(*peer)
+        .addresses(addrs.cloned().unwrap_or_default())
+        .build()
 }
 
 /// Most not-yet-authorized peers whose mDNS addresses we remember.
@@ -335,6 +353,29 @@ fn refused(reason: &str) -> pb::Response {
 }
 
 impl EventLoop {
+    /// Proof that `from` holds the join key, addressed to `to`.
+    fn join_proof(&self, from: &PeerId, to: &PeerId) -> Option<blake3::Hash> {
+        let key = self.join_key.as_ref()?;
+        let mut h = blake3::Hasher::new_keyed(key);
+        h.update(&from.to_bytes());
+        h.update(&to.to_bytes());
+        Some(h.finalize())
+    }
+
+    fn send_join(&mut self, peer: PeerId) {
+        let Some(proof) = self.join_proof(self.swarm.local_peer_id(), &peer) else {
+            return;
+        };
+        let req = pb::Request {
+            version: wire::VERSION,
+            body: Some(pb::request::Body::Join(pb::Join {
+                proof: proof.as_bytes().to_vec(),
+            })),
+        };
+        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        self.outbound.insert(id, Outbound::Join);
+    }
+
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -538,9 +579,15 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
+                if self.join_key.is_some() {
+                    // Both sides prove the join key; each authorizes the other on a valid proof.
+                    self.send_join(peer_id);
+                }
                 if !self.authorized(&peer_id) {
-                    tracing::warn!(peer = %peer_id, addr = %endpoint.get_remote_address(), "closing connection from an unauthorized peer");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    if self.join_key.is_none() {
+                        tracing::warn!(peer = %peer_id, addr = %endpoint.get_remote_address(), "closing connection from an unauthorized peer");
+                        let _ = self.swarm.disconnect_peer_id(peer_id);
+                    }
                     return;
                 }
                 tracing::info!(peer = %peer_id, "peer connected");
@@ -588,6 +635,11 @@ impl EventLoop {
                             if !known.contains(&addr) {
                                 known.push(addr);
                             }
+                        }
+                        if self.join_key.is_some() && !self.swarm.is_connected(&peer) {
+                            let _ = self
+                                .swarm
+                                .dial(dial_discovered(&peer, self.discovered.get(&peer)));
                         }
                         continue;
                     }
@@ -674,6 +726,7 @@ impl EventLoop {
                                 s.notify_in_flight = false;
                             }
                         }
+                        Outbound::Join => {}
                     }
                 }
                 if garbled {
@@ -707,13 +760,19 @@ impl EventLoop {
         request: pb::Request,
         channel: ResponseChannel<pb::Response>,
     ) {
+        if let Some(pb::request::Body::Join(join)) = &request.body {
+            return self.on_join(peer, &join.proof, channel);
+        }
         let Some(state) = self.peers.get(&peer) else {
             let _ = self
                 .swarm
                 .behaviour_mut()
                 .rr
                 .send_response(channel, refused("not authorized"));
-            let _ = self.swarm.disconnect_peer_id(peer);
+            // With a join key the peer may still prove it; without, it never can.
+            if self.join_key.is_none() {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
             return;
         };
         if request.version != wire::VERSION {
@@ -818,8 +877,57 @@ impl EventLoop {
         }
     }
 
+    /// A peer proves the join key: authorize it (persisted) and start syncing.
+    fn on_join(&mut self, peer: PeerId, proof: &[u8], channel: ResponseChannel<pb::Response>) {
+        let expected = self.join_proof(&peer, self.swarm.local_peer_id());
+        let valid = match (expected, <[u8; 32]>::try_from(proof)) {
+            // blake3::Hash compares in constant time.
+            (Some(e), Ok(p)) => e == blake3::Hash::from(p),
+            _ => false,
+        };
+        if !valid {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .rr
+                .send_response(channel, refused("join key mismatch"));
+            tracing::warn!(%peer, "refused a join: wrong or no join key");
+            if !self.authorized(&peer) {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            return;
+        }
+        let ack = pb::Response {
+            version: wire::VERSION,
+            body: Some(pb::response::Body::Ack(pb::Ack {})),
+        };
+        let _ = self.swarm.behaviour_mut().rr.send_response(channel, ack);
+        if !self.authorized(&peer) {
+            tracing::info!(%peer, "peer joined with the network join key");
+            if let Err(e) = self.add_peer(PeerConfig::new(peer.to_string())) {
+                tracing::error!(%peer, error = %e, "cannot authorize joined peer");
+                return;
+            }
+        }
+        if self.swarm.is_connected(&peer) && self.connected.insert(peer) {
+            self.start_pull(peer);
+        }
+    }
+
     fn on_response(&mut self, peer: PeerId, out: Outbound, response: pb::Response) {
         match (out, response.body) {
+            (Outbound::Join, Some(pb::response::Body::Ack(_))) => {
+                // The peer authorized us; pull if we authorized it too.
+                if self.connected.contains(&peer) {
+                    self.start_pull(peer);
+                }
+            }
+            (Outbound::Join, _) => {
+                tracing::warn!(%peer, "peer refused our join key");
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    s.last_error = Some("peer refused our join key".into());
+                }
+            }
             (Outbound::Notify, _) => {
                 if let Some(s) = self.peers.get_mut(&peer) {
                     s.notify_in_flight = false;
@@ -869,6 +977,9 @@ impl EventLoop {
                 if let Some(s) = self.peers.get_mut(&peer) {
                     s.pull_in_flight = false;
                     s.last_error = Some(format!("refused by peer: {}", r.reason));
+                    // It may authorize us later (a join in flight, or an administrator).
+                    s.retry_at = Some(Instant::now() + s.backoff);
+                    s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
                 }
             }
             (_, _) => self.drop_peer(peer, "unexpected response"),

@@ -74,6 +74,7 @@ impl Node {
                     identity.keypair.clone(),
                     &config.listen,
                     config.mdns,
+                    config.join_key.as_deref(),
                     repo.clone(),
                     shutdown_rx.clone(),
                 )

@@ -70,7 +70,7 @@ impl Drop for Lan {
     }
 }
 
-fn serve(ns: &str, dir: &Path) -> Child {
+fn serve(ns: &str, dir: &Path, extra: &[&str]) -> Child {
     Command::new("ip")
         .args([
             "netns",
@@ -83,6 +83,7 @@ fn serve(ns: &str, dir: &Path) -> Child {
             "--data",
         ])
         .arg(dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -107,17 +108,14 @@ async fn cli(ns: &str, dir: &Path, args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn nodes_on_a_lan_find_each_other_by_mdns() {
-    let root = is_root();
-    if !root && std::env::var("TRACKERSYNC_SKIP_NETNS").as_deref() == Ok("1") {
-        println!("skipped knowingly: not root and TRACKERSYNC_SKIP_NETNS=1");
+    if !can_make_namespaces() {
         return;
     }
-    assert!(root, "the mDNS test needs root to create network namespaces (set TRACKERSYNC_SKIP_NETNS=1 to skip)");
     let lan = Lan::new();
     let tmp = tempfile::tempdir().expect("tempdir");
     let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
-    let _a = serve(&lan.ns[0], &da);
-    let _b = serve(&lan.ns[1], &db);
+    let _a = serve(&lan.ns[0], &da, &[]);
+    let _b = serve(&lan.ns[1], &db, &[]);
     wait_for_file(&da.join("api-addr"), SYNC_TIMEOUT).await;
     wait_for_file(&db.join("api-addr"), SYNC_TIMEOUT).await;
     let peer_id = |out: String| {
@@ -167,6 +165,58 @@ async fn nodes_on_a_lan_find_each_other_by_mdns() {
             .any(|x| x.as_str().is_some_and(|s| s.starts_with("/ip4/10.77.")))),
         "the LAN address was learned: {peers}"
     );
+}
+
+/// Whether this run can create namespaces; fails the test where it should and cannot.
+fn can_make_namespaces() -> bool {
+    let root = is_root();
+    if !root && std::env::var("TRACKERSYNC_SKIP_NETNS").as_deref() == Ok("1") {
+        println!("skipped knowingly: not root and TRACKERSYNC_SKIP_NETNS=1");
+        return false;
+    }
+    assert!(root, "the mDNS tests need root to create network namespaces (set TRACKERSYNC_SKIP_NETNS=1 to skip)");
+    true
+}
+
+/// Ad-hoc LAN sync: two installers started with the same join key, nobody adds a peer.
+#[tokio::test]
+async fn lan_nodes_with_a_join_key_sync_without_adding_peers() {
+    if !can_make_namespaces() {
+        return;
+    }
+    let lan = Lan::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    let key = ["--join-key", "clinic-network-42"];
+    let _a = serve(&lan.ns[0], &da, &key);
+    let _b = serve(&lan.ns[1], &db, &key);
+    wait_for_file(&da.join("api-addr"), SYNC_TIMEOUT).await;
+    wait_for_file(&db.join("api-addr"), SYNC_TIMEOUT).await;
+    let (ok, out) = cli(
+        &lan.ns[0],
+        &da,
+        &["tracker", "create", "adhoc", "--field", "what:text"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = cli(
+        &lan.ns[0],
+        &da,
+        &["item", "add", "adhoc", "what=no master", "--json"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let id = serde_json::from_str::<Value>(&out).expect("item json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let got = eventually("item on b over the LAN, joined by key", || async {
+        let (ok, out) = cli(&lan.ns[1], &db, &["item", "get", &id, "--json"]).await;
+        ok.then(|| serde_json::from_str::<Value>(&out).ok())
+            .flatten()
+    })
+    .await;
+    assert_eq!(got["fields"]["what"], "no master");
 }
 
 fn is_root() -> bool {

@@ -37,6 +37,19 @@ impl TestNode {
 
     /// Start a node on `dir` listening on `listen` (a fixed port survives restarts).
     pub async fn start_listening(dir: &Path, listen: &str) -> TestNode {
+        TestNode::start_with(dir, listen, &[]).await
+    }
+
+    /// A node in a fresh directory with extra `serve` arguments.
+    pub async fn start_args(extra: &[&str]) -> TestNode {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut n =
+            TestNode::start_with(&tmp.path().join("node"), "/ip4/127.0.0.1/tcp/0", extra).await;
+        n._tmp = Some(tmp);
+        n
+    }
+
+    pub async fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> TestNode {
         let addr_file = dir.join("api-addr");
         // A node killed with SIGKILL leaves its api-addr behind; wait for the new one.
         let _ = std::fs::remove_file(&addr_file);
@@ -51,6 +64,7 @@ impl TestNode {
                 "--data",
             ])
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

@@ -249,3 +249,56 @@ async fn unauthorized_and_revoked_peers_get_nothing() {
     let (_, st) = b.get("/api/v1/status").await;
     assert_eq!(st["items"].as_u64(), Some(1));
 }
+
+/// Nodes started with the same join key authorize each other on first contact: only one side
+/// names the other, yet both sync. A node with another key gets nothing.
+#[tokio::test]
+async fn a_shared_join_key_authorizes_peers_on_first_contact() {
+    let a = TestNode::start_args(&["--join-key", "field-team-7"]).await;
+    let b = TestNode::start_args(&["--join-key", "field-team-7"]).await;
+    let stranger = TestNode::start_args(&["--join-key", "another-team"]).await;
+    // Only b names a; a learns b from b's join.
+    let (s, e) = b
+        .post("/api/v1/peers", json!({"addr": a.p2p_addr().await}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, e) = stranger
+        .post("/api/v1/peers", json!({"addr": a.p2p_addr().await}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    a.cases_tracker().await;
+    let (_, item) = a
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": "joined"}}),
+        )
+        .await;
+    let id = item["id"].as_str().expect("id").to_string();
+    b.item_when(&id, |_| true).await;
+    let (_, from_b) = b
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": "from b"}}),
+        )
+        .await;
+    a.item_when(from_b["id"].as_str().expect("id"), |_| true)
+        .await;
+    let (_, peers) = a.get("/api/v1/peers").await;
+    let ids: Vec<&str> = peers
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter_map(|p| p["peer_id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![b.peer_id().await.as_str()],
+        "a authorized b (and not the stranger)"
+    );
+    let (_, st) = stranger.get("/api/v1/status").await;
+    assert_eq!(
+        (st["trackers"].as_u64(), st["items"].as_u64()),
+        (Some(0), Some(0)),
+        "a wrong key gets nothing"
+    );
+}
