@@ -302,3 +302,53 @@ async fn a_shared_join_key_authorizes_peers_on_first_contact() {
         "a wrong key gets nothing"
     );
 }
+
+/// A peer whose clock runs a day ahead: its future-stamped edit is not applied (it waits for
+/// our clock), while changes from an honest peer keep arriving.
+#[tokio::test]
+async fn future_stamped_changes_wait_and_nothing_else_stalls() {
+    let a = TestNode::start().await;
+    let ahead = TestNode::start_args(&["--clock-offset-ms", "86400000"]).await;
+    let honest = TestNode::start().await;
+    a.pair(&ahead).await;
+    a.pair(&honest).await;
+    a.cases_tracker().await;
+    let (_, item) = a
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": "shared"}}),
+        )
+        .await;
+    let id = item["id"].as_str().expect("id").to_string();
+    ahead.item_when(&id, |_| true).await;
+    honest.item_when(&id, |_| true).await;
+
+    let (s, _) = ahead
+        .patch(
+            &format!("/api/v1/items/{id}"),
+            json!({"fields": {"status": "closed"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, later) = honest
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": "from the honest peer"}}),
+        )
+        .await;
+    // The honest change arrives...
+    a.item_when(later["id"].as_str().expect("id"), |_| true)
+        .await;
+    // ...and so does an honest edit of the very item the skewed peer changed.
+    honest
+        .patch(
+            &format!("/api/v1/items/{id}"),
+            json!({"fields": {"age": 4}}),
+        )
+        .await;
+    let now = a.item_when(&id, |i| i["fields"]["age"] == 4).await;
+    assert!(
+        now["fields"].get("status").is_none(),
+        "a future-stamped edit was applied early: {now}"
+    );
+}
