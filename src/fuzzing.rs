@@ -48,13 +48,11 @@ fn repo() -> &'static Repo {
         .1
 }
 
-/// Offer bytes to the repo as a peer's document: first byte picks the kind, the rest is the
-/// Automerge data. Every outcome but a crash is acceptable.
-pub fn apply_document(data: &[u8]) {
-    let Some((&kind, bytes)) = data.split_first() else {
-        return;
-    };
-    let doc = RemoteDoc {
+/// A fuzz input as a peer's document: first byte picks the kind (even = item) and the ids,
+/// the rest is the Automerge data.
+pub fn document_from_input(data: &[u8]) -> Option<RemoteDoc> {
+    let (&kind, bytes) = data.split_first()?;
+    Some(RemoteDoc {
         id: Uuid::from_bytes([kind; 16]),
         kind: if kind % 2 == 0 {
             DocKind::Item
@@ -65,8 +63,14 @@ pub fn apply_document(data: &[u8]) {
         heads: vec![[kind; 32]],
         data: bytes.to_vec(),
         seq: 1,
-    };
-    let _ = repo().apply_remote(vec![doc], 1);
+    })
+}
+
+/// Offer bytes to the repo as a peer's document. Every outcome but a crash is acceptable.
+pub fn apply_document(data: &[u8]) {
+    if let Some(doc) = document_from_input(data) {
+        let _ = repo().apply_remote(vec![doc], 1);
+    }
 }
 
 /// A scratch directory removed at exit (the fuzzer keeps one repo for the whole run).

@@ -62,7 +62,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Redial and retry backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a peer dropped for misbehaving waits before we dial it again.
+const MISBEHAVIOUR_PAUSE: Duration = Duration::from_secs(30);
 /// Documents whose stamps were too far ahead are retried after this long.
 const DEFERRED_RETRY: Duration = Duration::from_secs(5);
 
@@ -722,8 +724,15 @@ impl EventLoop {
                             self.backoff(peer, &error.to_string());
                         }
                         Outbound::Notify => {
-                            if let Some(s) = self.peers.get_mut(&peer) {
+                            // A change queued behind the failed notify must not be lost: notify
+                            // again (only connected peers are notified; a peer that reconnects
+                            // pulls on its own).
+                            let again = self.peers.get_mut(&peer).is_some_and(|s| {
                                 s.notify_in_flight = false;
+                                std::mem::take(&mut s.notify_again)
+                            });
+                            if again {
+                                self.notify_all();
                             }
                         }
                         Outbound::Join => {}
@@ -749,7 +758,7 @@ impl EventLoop {
         if let Some(s) = self.peers.get_mut(&peer) {
             s.last_error = Some(why.to_string());
             s.pull_in_flight = false;
-            s.retry_at = Some(Instant::now() + BACKOFF_MAX);
+            s.retry_at = Some(Instant::now() + MISBEHAVIOUR_PAUSE);
         }
         let _ = self.swarm.disconnect_peer_id(peer);
     }

@@ -441,21 +441,9 @@ mod tests {
         let mut checked = 0;
         for e in std::fs::read_dir(dir).expect("regressions").flatten() {
             let data = std::fs::read(e.path()).expect("read");
-            let (&kind, bytes) = data.split_first().expect("non-empty");
             let b = tempfile::tempdir().expect("dir");
             let us = repo(b.path(), 1);
-            let doc = RemoteDoc {
-                id: Uuid::from_bytes([kind; 16]),
-                kind: if kind % 2 == 0 {
-                    DocKind::Item
-                } else {
-                    DocKind::Tracker
-                },
-                tracker: Uuid::from_bytes([kind; 16]),
-                heads: vec![[kind; 32]],
-                data: bytes.to_vec(),
-                seq: 1,
-            };
+            let doc = crate::fuzzing::document_from_input(&data).expect("non-empty input");
             let out = us.apply_remote(vec![doc], 7).expect("apply returns");
             assert!(
                 matches!(out[0].2, Applied::Refused(_) | Applied::Panicked),

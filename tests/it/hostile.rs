@@ -158,15 +158,16 @@ async fn garbage_frames_get_a_peer_disconnected_while_honest_peers_sync() {
     let took = sent_at.expect("connected").elapsed();
     println!("hostile peer disconnected {took:?} after its first garbage");
 
-    let (_, peers) = a.get("/api/v1/peers").await;
-    let entry = peers
-        .as_array()
-        .expect("peers")
-        .iter()
-        .find(|p| p["peer_id"] == hostile_id.to_string())
-        .expect("hostile listed")
-        .clone();
-    assert_eq!(entry["connected"], false);
+    // a records the disconnection on its own loop; wait for its view to catch up.
+    let entry = crate::support::eventually("a's view of the hostile peer", || async {
+        let (_, peers) = a.get("/api/v1/peers").await;
+        peers
+            .as_array()?
+            .iter()
+            .find(|p| p["peer_id"] == hostile_id.to_string() && p["connected"] == false)
+            .cloned()
+    })
+    .await;
     assert!(
         entry["last_error"].as_str().is_some_and(|e| !e.is_empty()),
         "{entry}"

@@ -106,6 +106,23 @@ async fn cli(ns: &str, dir: &Path, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Two nodes, one per namespace, with their API up; returns their data directories.
+async fn start_pair(
+    lan: &Lan,
+    tmp: &Path,
+    extra: &[&str],
+) -> ((Child, Child), [std::path::PathBuf; 2]) {
+    let dirs = [tmp.join("a"), tmp.join("b")];
+    let nodes = (
+        serve(&lan.ns[0], &dirs[0], extra),
+        serve(&lan.ns[1], &dirs[1], extra),
+    );
+    for d in &dirs {
+        wait_for_file(&d.join("api-addr"), SYNC_TIMEOUT).await;
+    }
+    (nodes, dirs)
+}
+
 #[tokio::test]
 async fn nodes_on_a_lan_find_each_other_by_mdns() {
     if !can_make_namespaces() {
@@ -113,11 +130,7 @@ async fn nodes_on_a_lan_find_each_other_by_mdns() {
     }
     let lan = Lan::new();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
-    let _a = serve(&lan.ns[0], &da, &[]);
-    let _b = serve(&lan.ns[1], &db, &[]);
-    wait_for_file(&da.join("api-addr"), SYNC_TIMEOUT).await;
-    wait_for_file(&db.join("api-addr"), SYNC_TIMEOUT).await;
+    let (_nodes, [da, db]) = start_pair(&lan, tmp.path(), &[]).await;
     let peer_id = |out: String| {
         serde_json::from_str::<Value>(&out)
             .ok()
@@ -186,12 +199,8 @@ async fn lan_nodes_with_a_join_key_sync_without_adding_peers() {
     }
     let lan = Lan::new();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
-    let key = ["--join-key", "clinic-network-42"];
-    let _a = serve(&lan.ns[0], &da, &key);
-    let _b = serve(&lan.ns[1], &db, &key);
-    wait_for_file(&da.join("api-addr"), SYNC_TIMEOUT).await;
-    wait_for_file(&db.join("api-addr"), SYNC_TIMEOUT).await;
+    let (_nodes, [da, db]) =
+        start_pair(&lan, tmp.path(), &["--join-key", "clinic-network-42"]).await;
     let (ok, out) = cli(
         &lan.ns[0],
         &da,
