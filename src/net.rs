@@ -284,6 +284,8 @@ struct PullPage {
     blocked_from: Option<u64>,
     started: Instant,
     received: usize,
+    /// Automerge bytes the page carried (before any fetch).
+    bytes: usize,
     seqs: HashMap<Uuid, u64>,
 }
 
@@ -817,16 +819,29 @@ impl EventLoop {
                 let requester = crate::store::peer_tag(&peer.to_bytes());
                 tokio::task::spawn_blocking(move || {
                     let response = match repo.feed(since, max, wire::PULL_MAX_BYTES, requester) {
-                        Ok((docs, last_seq, more)) => pb::Response {
-                            version: wire::VERSION,
-                            body: Some(pb::response::Body::Pull(pb::PullReply {
-                                node: node.as_bytes().to_vec(),
-                                incarnation: ours.as_bytes().to_vec(),
-                                last_seq,
-                                more,
-                                entries: docs.into_iter().map(wire::doc_to_wire).collect(),
-                            })),
-                        },
+                        Ok((docs, last_seq, more)) => {
+                            if !docs.is_empty() {
+                                tracing::info!(
+                                    %peer,
+                                    direction = "sent",
+                                    items = docs.len(),
+                                    bytes = docs.iter().map(|d| d.data.len()).sum::<usize>(),
+                                    since,
+                                    last_seq,
+                                    "sync page served"
+                                );
+                            }
+                            pb::Response {
+                                version: wire::VERSION,
+                                body: Some(pb::response::Body::Pull(pb::PullReply {
+                                    node: node.as_bytes().to_vec(),
+                                    incarnation: ours.as_bytes().to_vec(),
+                                    last_seq,
+                                    more,
+                                    entries: docs.into_iter().map(wire::doc_to_wire).collect(),
+                                })),
+                            }
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot read the change feed");
                             refused("storage error")
@@ -964,6 +979,7 @@ impl EventLoop {
                     blocked_from: None,
                     started,
                     received: docs.len(),
+                    bytes: docs.iter().map(|d| d.data.len()).sum(),
                     seqs: docs.iter().map(|d| (d.id, d.seq)).collect(),
                 };
                 self.apply(peer, page, docs, false);
@@ -1103,7 +1119,15 @@ impl EventLoop {
             }
         });
         if page.received > 0 {
-            tracing::info!(%peer, items = page.received, checkpoint, ms = page.started.elapsed().as_millis() as u64, "sync session page");
+            tracing::info!(
+                %peer,
+                direction = "received",
+                items = page.received,
+                bytes = page.bytes,
+                checkpoint,
+                ms = page.started.elapsed().as_millis() as u64,
+                "sync page applied"
+            );
         }
         let Some(s) = self.peers.get_mut(&peer) else {
             return;
