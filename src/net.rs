@@ -1016,22 +1016,29 @@ impl EventLoop {
         let work = self.work_tx.clone();
         tokio::task::spawn_blocking(move || {
             let from = crate::store::peer_tag(&peer.to_bytes());
-            // Documents are independent: apply a page on every core.
-            let mut docs = docs;
-            let half = docs.split_off(docs.len() / 2);
-            let (first, second) = std::thread::scope(|s| {
-                let h = s.spawn(|| repo.apply_remote(half, from));
-                let first = repo.apply_remote(docs, from);
-                (first, h.join())
-            });
-            let result = match (first, second) {
-                (Ok(mut a), Ok(Ok(b))) => {
-                    a.extend(b);
-                    Ok(a)
-                }
-                (Err(e), _) | (_, Ok(Err(e))) => Err(e.to_string()),
-                (_, Err(_)) => Err("applying a page panicked".to_string()),
-            };
+            // Schemas first, so no item becomes visible before its tracker; then the items,
+            // which are independent, on every core.
+            let (trackers, mut items): (Vec<RemoteDoc>, Vec<RemoteDoc>) = docs
+                .into_iter()
+                .partition(|d| d.kind == crate::store::DocKind::Tracker);
+            let result = (|| {
+                let mut out = repo
+                    .apply_remote(trackers, from)
+                    .map_err(|e| e.to_string())?;
+                let half = items.split_off(items.len() / 2);
+                let (first, second) = std::thread::scope(|s| {
+                    let h = s.spawn(|| repo.apply_remote(half, from));
+                    let first = repo.apply_remote(items, from);
+                    (first, h.join())
+                });
+                out.extend(first.map_err(|e| e.to_string())?);
+                out.extend(
+                    second
+                        .map_err(|_| "applying a page panicked".to_string())?
+                        .map_err(|e| e.to_string())?,
+                );
+                Ok(out)
+            })();
             let _ = work.blocking_send(Work::Applied(peer, page, result, after_fetch));
         });
     }

@@ -170,11 +170,13 @@ async fn changes_travel_along_a_chain() {
         .await;
     let id = item["id"].as_str().expect("id").to_string();
     c.item_when(&id, |_| true).await;
-    c.patch(
-        &format!("/api/v1/items/{id}"),
-        json!({"fields": {"age": 3}}),
-    )
-    .await;
+    let (s, e) = c
+        .patch(
+            &format!("/api/v1/items/{id}"),
+            json!({"fields": {"age": 3}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
     a.item_when(&id, |i| i["fields"]["age"] == 3).await;
     let (_, peers) = a.get("/api/v1/peers").await;
     assert_eq!(peers.as_array().map(Vec::len), Some(1), "a only knows b");
