@@ -125,11 +125,6 @@ impl<'a> ItemDoc<'a> {
         Ok(())
     }
 
-    /// Highest stamp in the document: the floor for the next local write.
-    pub fn max_hlc(&self) -> Option<Hlc> {
-        register::max_hlc(&*self.doc)
-    }
-
     pub fn tracker(&self) -> Result<Uuid, ItemError> {
         self.str_key(KEY_TRACKER)
             .and_then(|s| s.parse().ok())

@@ -34,7 +34,7 @@ struct StoredField {
     pos: String,
 }
 
-/// A borrowed view of a document with its operations.
+/// A field definition as its register cell.
 fn field_cell(hlc: Hlc, f: &FieldDef, pos: &str) -> Vec<u8> {
     let stored = StoredField {
         ty: f.ty,
@@ -87,18 +87,10 @@ impl<'a> TrackerDoc<'a> {
     }
 
     fn put_field(&mut self, hlc: Hlc, f: &FieldDef, pos: &str) -> Result<(), ItemError> {
-        let stored = StoredField {
-            ty: f.ty,
-            label: f.label.clone(),
-            required: f.required,
-            options: f.options.clone(),
-            pos: pos.to_string(),
-        };
-        let json = serde_json::to_value(stored).expect("field definition serializes");
         self.doc.put(
             ROOT,
             format!("{FIELD_PREFIX}{}", f.name),
-            register::encode(hlc, Some(&json)),
+            field_cell(hlc, f, pos),
         )?;
         Ok(())
     }
@@ -119,10 +111,6 @@ impl<'a> TrackerDoc<'a> {
         self.doc
             .commit_with(CommitOptions::default().with_time((hlc.wall_ms / 1000) as i64));
         Ok(())
-    }
-
-    pub fn max_hlc(&self) -> Option<Hlc> {
-        register::max_hlc(&*self.doc)
     }
 
     pub fn view(&self, id: Uuid) -> Result<Tracker, ItemError> {

@@ -609,12 +609,13 @@ impl Store {
             })?);
             let id = uuid_at(&v, 0)?;
             last = seq;
+            // Check the source before reading the document's bytes.
+            if skip_source != 0 && self.doc_meta(id)?.is_some_and(|m| m.source == skip_source) {
+                continue;
+            }
             let Some(doc) = self.load_doc(id)? else {
                 continue;
             };
-            if skip_source != 0 && doc.meta.source == skip_source {
-                continue;
-            }
             let data = if doc.chunks.is_empty() {
                 doc.snapshot
             } else {
