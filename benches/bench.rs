@@ -42,6 +42,18 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         clients: Vec<usize>,
     },
+    /// In-process receive path: read a seeded store's change feed page by page and apply it
+    /// to an empty store (no network), to profile what applying a peer's documents costs.
+    Apply {
+        #[arg(long, default_value_t = 20000)]
+        items: u64,
+        /// Keep the seeded source store here and reuse it on the next run (for profiling).
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Threads applying each page (the node uses 2).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Write the fuzz seed corpus (real wire messages and documents, plus mutations) to DIR.
     FuzzSeeds { dir: PathBuf },
     /// Two nodes over libp2p on loopback: initial sync, 1% catch-up after the receiver was
@@ -66,6 +78,11 @@ async fn main() -> Result<()> {
             clients,
         } => local(seconds, &items, &clients).await,
         Cmd::FuzzSeeds { dir } => fuzz_seeds(&dir),
+        Cmd::Apply {
+            items,
+            source,
+            threads,
+        } => apply_bench(items, source, threads).await,
         Cmd::Sync { items, live } => {
             for n in items {
                 sync_bench(n, live).await?;
@@ -128,7 +145,12 @@ impl RunningNode {
             .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // TRACKERSYNC_BENCH_LOGS=1 shows the nodes' logs (sync page traces) on stderr.
+            .stderr(if std::env::var_os("TRACKERSYNC_BENCH_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()?;
         let addr = loop {
@@ -454,6 +476,68 @@ async fn seed_store(dir: &Path, n: u64) -> Result<()> {
     Ok(())
 }
 
+async fn apply_bench(n: u64, source: Option<PathBuf>, threads: usize) -> Result<()> {
+    use trackersync::config::{Identity, DIR_DB};
+    use trackersync::hlc::SystemClock;
+    use trackersync::repo::Repo;
+    let scratch = Scratch::new(&format!("apply-{n}"))?;
+    let src = source.unwrap_or_else(|| scratch.0.join("a"));
+    if !src.join(DIR_DB).exists() {
+        let t0 = Instant::now();
+        seed_store(&src, n).await?;
+        eprintln!("seeded {n} items in {:?}", t0.elapsed());
+    }
+    let open = |dir: &Path| -> Result<Repo> {
+        let identity = Identity::init(dir)?;
+        Ok(Repo::open(
+            &dir.join(DIR_DB),
+            identity.node,
+            Arc::new(SystemClock::default()),
+            trackersync::hlc::DEFAULT_MAX_DRIFT_MS,
+        )?)
+    };
+    let a = open(&src)?;
+    let b = open(&scratch.0.join("b"))?;
+    let (mut since, mut serve, mut apply, mut docs_n, mut bytes) =
+        (0, Duration::ZERO, Duration::ZERO, 0usize, 0usize);
+    loop {
+        let t = Instant::now();
+        let (docs, last, more) = a.feed(since, 2000, 4 << 20, 0)?;
+        serve += t.elapsed();
+        docs_n += docs.len();
+        bytes += docs.iter().map(|d| d.data.len()).sum::<usize>();
+        let t = Instant::now();
+        let (trackers, items): (Vec<_>, Vec<_>) = docs
+            .into_iter()
+            .partition(|d| d.kind == trackersync::store::DocKind::Tracker);
+        b.apply_remote(trackers, 1)?;
+        if threads > 1 {
+            let mut items = items;
+            let half = items.split_off(items.len() / 2);
+            let b = &b;
+            std::thread::scope(|s| -> Result<()> {
+                let h = s.spawn(move || b.apply_remote(half, 1));
+                b.apply_remote(items, 1)?;
+                h.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+                Ok(())
+            })?;
+        } else {
+            b.apply_remote(items, 1)?;
+        }
+        apply += t.elapsed();
+        since = last;
+        if !more {
+            break;
+        }
+    }
+    emit(
+        json!({"bench": "apply", "n": n, "threads": threads, "docs": docs_n, "bytes": bytes, "serve_s": serve.as_secs_f64(),
+        "apply_s": apply.as_secs_f64(), "apply_us_per_doc": apply.as_secs_f64() * 1e6 / docs_n as f64,
+        "serve_us_per_doc": serve.as_secs_f64() * 1e6 / docs_n as f64}),
+    );
+    Ok(())
+}
+
 const LISTEN: [&str; 2] = ["--listen", "/ip4/127.0.0.1/tcp/0"];
 
 /// Poll every millisecond until `check` holds; fail after `limit`.
@@ -562,7 +646,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
             .await?
             .as_array()
             .and_then(|p| p.first())
-            .is_some_and(|p| !p["checkpoint"].is_null()))
+            .is_some_and(|p| !p["last_sync"].is_null()))
     })
     .await?;
     let bytes = (a.metric("trackersync_sync_bytes_sent").await - a_sent0)

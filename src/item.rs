@@ -156,16 +156,56 @@ impl<'a> ItemDoc<'a> {
 
     /// The item as readers see it, resolving every register by `policy`.
     pub fn view(&self, id: Uuid, policy: ConflictPolicy) -> Result<ItemView, ItemError> {
+        self.view_with_max(id, policy).map(|(v, _)| v)
+    }
+
+    /// [`ItemDoc::view`], plus the highest stamp among all cells of all registers (losers
+    /// included): what a new local write must be stamped above. One pass over the registers.
+    pub fn view_with_max(
+        &self,
+        id: Uuid,
+        policy: ConflictPolicy,
+    ) -> Result<(ItemView, Option<Hlc>), ItemError> {
         let origin = self.origin()?;
         let tracker = self.tracker()?;
         let display_id = self.str_key(KEY_DISPLAY).unwrap_or_default();
-        let created = register::winner(&*self.doc, KEY_CREATED, policy, origin)
+        let mut max: Option<Hlc> = None;
+        let mut created = None;
+        let mut deleted_cell = None;
+        let mut fields = BTreeMap::new();
+        let mut field_winners = Vec::new();
+        // One pass over the root map; only keys holding concurrent values need `get_all`.
+        for item in self.doc.map_range(ROOT, ..) {
+            let key = item.key.as_ref();
+            let field = key.strip_prefix(FIELD_PREFIX);
+            if field.is_none() && key != KEY_CREATED && key != KEY_DELETED {
+                continue;
+            }
+            let mut all = if item.conflict {
+                register::cells(&*self.doc, key)
+            } else {
+                match &item.value {
+                    automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(b)) => {
+                        register::decode(b).into_iter().collect()
+                    }
+                    _ => Vec::new(),
+                }
+            };
+            max = all.iter().map(|c| c.hlc).chain(max).max();
+            register::rank(&mut all, policy, origin);
+            let winner = all.into_iter().next();
+            match field {
+                Some(name) => field_winners.push((name.to_string(), winner)),
+                None if key == KEY_CREATED => created = winner,
+                None => deleted_cell = winner,
+            }
+        }
+        let created = created
             .map(|c| c.hlc)
             .ok_or(ItemError::NotAnItem("no creation stamp"))?;
-        let mut fields = BTreeMap::new();
         let mut latest_edit = created;
-        for name in self.field_names() {
-            if let Some(cell) = register::winner(&*self.doc, &field_key(&name), policy, origin) {
+        for (name, cell) in field_winners {
+            if let Some(cell) = cell {
                 latest_edit = latest_edit.max(cell.hlc);
                 if let Some(v) = cell.value {
                     fields.insert(name, v);
@@ -174,12 +214,12 @@ impl<'a> ItemDoc<'a> {
         }
         let mut updated = latest_edit;
         let mut deleted = false;
-        if let Some(cell) = register::winner(&*self.doc, KEY_DELETED, policy, origin) {
+        if let Some(cell) = deleted_cell {
             updated = updated.max(cell.hlc);
             // A delete holds until a later write: an edit or a restore stamped after it undeletes.
             deleted = cell.value == Some(Json::Bool(true)) && cell.hlc > latest_edit;
         }
-        Ok(ItemView {
+        let view = ItemView {
             id,
             display_id,
             tracker,
@@ -188,7 +228,8 @@ impl<'a> ItemDoc<'a> {
             created,
             updated,
             origin,
-        })
+        };
+        Ok((view, max))
     }
 
     /// Fields that currently hold concurrent values (deleted flag included, as field `_deleted`).

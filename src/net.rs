@@ -84,6 +84,9 @@ pub struct PeerStatus {
     pub connected: bool,
     /// Last sequence number of the peer's feed we have applied.
     pub checkpoint: Option<u64>,
+    /// When a pull from this peer last reached the end of its feed with everything applied
+    /// (RFC 3339), since this node started.
+    pub last_sync: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -248,14 +251,28 @@ impl Net {
 /// Sync bookkeeping for one authorized peer.
 struct PeerState {
     config: PeerConfig,
+    /// A pull request is on the wire.
     pull_in_flight: bool,
     pull_again: bool,
+    /// A page is being applied (or completed by a fetch). Pulls are pipelined: the next page
+    /// is requested while this one applies, and waits in `queued`; pages apply in order.
+    applying: bool,
+    queued: Option<(PullPage, Vec<RemoteDoc>)>,
+    /// The peer said more pages follow its last reply.
+    more: bool,
+    /// Where the next pull starts: (peer's store incarnation, sequence number). Ahead of the
+    /// durable checkpoint while pages are queued or applying.
+    cursor: Option<(Uuid, u64)>,
+    /// Bumped whenever `cursor` is reset; replies to older pulls are discarded.
+    epoch: u64,
     notify_in_flight: bool,
     notify_again: bool,
     /// When to dial or pull again (after a failure, or for deferred documents).
     retry_at: Option<Instant>,
     backoff: Duration,
-    checkpoint: Option<u64>,
+    /// Last checkpoint reached: every page up to it is applied and durable.
+    checkpoint: Option<(Uuid, u64)>,
+    last_sync: Option<chrono::DateTime<chrono::Utc>>,
     last_error: Option<String>,
 }
 
@@ -265,13 +282,27 @@ impl PeerState {
             config,
             pull_in_flight: false,
             pull_again: false,
+            applying: false,
+            queued: None,
+            more: false,
+            cursor: None,
+            epoch: 0,
             notify_in_flight: false,
             notify_again: false,
             retry_at: None,
             backoff: BACKOFF_MIN,
             checkpoint: None,
+            last_sync: None,
             last_error: None,
         }
+    }
+
+    /// Forget pipelined work: the next pull starts again from the last checkpoint reached.
+    fn reset_pull(&mut self) {
+        self.epoch += 1;
+        self.queued = None;
+        self.cursor = self.checkpoint;
+        self.pull_in_flight = false;
     }
 }
 
@@ -279,7 +310,6 @@ impl PeerState {
 struct PullPage {
     incarnation: Uuid,
     last_seq: u64,
-    more: bool,
     /// Lowest sender sequence number that could not be applied (the checkpoint stops below it).
     blocked_from: Option<u64>,
     started: Instant,
@@ -291,7 +321,8 @@ struct PullPage {
 
 /// Our requests in flight (the peer comes with the response event).
 enum Outbound {
-    Pull(Instant),
+    /// Sent at, and the peer's pull epoch then.
+    Pull(Instant, u64),
     Fetch(PullPage),
     Notify,
     Join,
@@ -428,7 +459,10 @@ impl EventLoop {
                     .map(|(id, s)| PeerStatus {
                         config: s.config.clone(),
                         connected: self.connected.contains(id),
-                        checkpoint: s.checkpoint,
+                        checkpoint: s.checkpoint.map(|c| c.1),
+                        last_sync: s
+                            .last_sync
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
                         last_error: s.last_error.clone(),
                     })
                     .collect();
@@ -548,20 +582,29 @@ impl EventLoop {
         if !s.config.pulls() {
             return;
         }
-        if s.pull_in_flight {
+        // One request on the wire and at most one page waiting behind the one applying.
+        if s.pull_in_flight || s.queued.is_some() {
             s.pull_again = true;
             return;
         }
-        let (incarnation, since) = match self.repo.store().checkpoint(&peer.to_bytes()) {
-            Ok(Some((inc, seq))) => (inc.as_bytes().to_vec(), seq),
-            Ok(None) => (Vec::new(), 0),
-            Err(e) => {
-                tracing::error!(%peer, error = %e, "cannot read checkpoint; pulling from the start");
-                (Vec::new(), 0)
-            }
+        let (incarnation, since) = match s.cursor {
+            Some((inc, seq)) => (inc.as_bytes().to_vec(), seq),
+            None => match self.repo.store().checkpoint(&peer.to_bytes()) {
+                Ok(Some((inc, seq))) => {
+                    s.checkpoint = Some((inc, seq));
+                    s.cursor = Some((inc, seq));
+                    (inc.as_bytes().to_vec(), seq)
+                }
+                Ok(None) => (Vec::new(), 0),
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "cannot read checkpoint; pulling from the start");
+                    (Vec::new(), 0)
+                }
+            },
         };
         s.pull_in_flight = true;
         s.pull_again = false;
+        let epoch = s.epoch;
         let req = pb::Request {
             version: wire::VERSION,
             body: Some(pb::request::Body::Pull(pb::Pull {
@@ -571,7 +614,8 @@ impl EventLoop {
             })),
         };
         let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
-        self.outbound.insert(id, Outbound::Pull(Instant::now()));
+        self.outbound
+            .insert(id, Outbound::Pull(Instant::now(), epoch));
     }
 
     fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -617,7 +661,7 @@ impl EventLoop {
             } if num_established == 0 && self.connected.remove(&peer_id) => {
                 tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
                 if let Some(s) = self.peers.get_mut(&peer_id) {
-                    s.pull_in_flight = false;
+                    s.reset_pull();
                     s.notify_in_flight = false;
                     s.retry_at = Some(Instant::now() + s.backoff);
                 }
@@ -719,9 +763,25 @@ impl EventLoop {
                     matches!(&error, request_response::OutboundFailure::Io(e) if garbled_io(e));
                 if let Some(out) = self.outbound.remove(&request_id) {
                     match out {
-                        Outbound::Pull(_) | Outbound::Fetch(_) => {
+                        Outbound::Pull(_, epoch) => {
+                            let current = self.peers.get_mut(&peer).is_some_and(|s| {
+                                let current = s.epoch == epoch;
+                                if current {
+                                    s.reset_pull();
+                                }
+                                current
+                            });
+                            if current {
+                                self.backoff(peer, &error.to_string());
+                            } else if let Some(s) = self.peers.get_mut(&peer) {
+                                // The connection closed under it; redial backoff is set already.
+                                s.last_error = Some(error.to_string());
+                            }
+                        }
+                        Outbound::Fetch(_) => {
                             if let Some(s) = self.peers.get_mut(&peer) {
-                                s.pull_in_flight = false;
+                                s.applying = false;
+                                s.reset_pull();
                             }
                             self.backoff(peer, &error.to_string());
                         }
@@ -759,7 +819,7 @@ impl EventLoop {
         tracing::warn!(%peer, reason = why, "disconnecting misbehaving peer");
         if let Some(s) = self.peers.get_mut(&peer) {
             s.last_error = Some(why.to_string());
-            s.pull_in_flight = false;
+            s.reset_pull();
             s.retry_at = Some(Instant::now() + MISBEHAVIOUR_PAUSE);
         }
         let _ = self.swarm.disconnect_peer_id(peer);
@@ -960,7 +1020,14 @@ impl EventLoop {
                     }
                 }
             }
-            (Outbound::Pull(started), Some(pb::response::Body::Pull(reply))) => {
+            (Outbound::Pull(started, epoch), Some(pb::response::Body::Pull(reply))) => {
+                let Some(s) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if s.epoch != epoch {
+                    // A pull sent before the cursor was reset: its page is pulled again.
+                    return;
+                }
                 let incarnation = match wire::uuid(&reply.incarnation, "incarnation") {
                     Ok(i) => i,
                     Err(e) => return self.drop_peer(peer, &e.to_string()),
@@ -975,14 +1042,30 @@ impl EventLoop {
                 let page = PullPage {
                     incarnation,
                     last_seq: reply.last_seq,
-                    more: reply.more,
                     blocked_from: None,
                     started,
                     received: docs.len(),
                     bytes: docs.iter().map(|d| d.data.len()).sum(),
                     seqs: docs.iter().map(|d| (d.id, d.seq)).collect(),
                 };
-                self.apply(peer, page, docs, false);
+                let Some(s) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                s.pull_in_flight = false;
+                s.more = reply.more;
+                s.cursor = Some((incarnation, reply.last_seq));
+                let again = reply.more || s.pull_again;
+                if s.applying {
+                    s.queued = Some((page, docs));
+                } else {
+                    s.applying = true;
+                    self.apply(peer, page, docs, false);
+                }
+                // Pipeline: ask for the next page (or news a notify announced) while this
+                // one applies.
+                if again {
+                    self.start_pull(peer);
+                }
             }
             (Outbound::Fetch(page), Some(pb::response::Body::Fetch(reply))) => {
                 let mut docs = Vec::with_capacity(reply.docs.len());
@@ -997,10 +1080,15 @@ impl EventLoop {
                 }
                 self.apply(peer, page, docs, true);
             }
-            (_, Some(pb::response::Body::Refused(r))) => {
+            (out, Some(pb::response::Body::Refused(r))) => {
                 tracing::warn!(%peer, reason = %r.reason, "peer refused our request");
                 if let Some(s) = self.peers.get_mut(&peer) {
-                    s.pull_in_flight = false;
+                    match out {
+                        Outbound::Pull(_, epoch) if epoch != s.epoch => return,
+                        Outbound::Fetch(_) => s.applying = false,
+                        _ => {}
+                    }
+                    s.reset_pull();
                     s.last_error = Some(format!("refused by peer: {}", r.reason));
                     // It may authorize us later (a join in flight, or an administrator).
                     s.retry_at = Some(Instant::now() + s.backoff);
@@ -1058,7 +1146,8 @@ impl EventLoop {
                     Err(e) => {
                         tracing::error!(%peer, error = %e, "cannot apply peer's changes");
                         if let Some(s) = self.peers.get_mut(&peer) {
-                            s.pull_in_flight = false;
+                            s.applying = false;
+                            s.reset_pull();
                         }
                         return self.backoff(peer, &e);
                     }
@@ -1115,9 +1204,8 @@ impl EventLoop {
             Some(b) => b.saturating_sub(1),
             None => page.last_seq,
         };
-        // Saved off the loop (it waits for a flush); one pull per peer is in flight, so the
-        // saves of one peer's checkpoints cannot overtake each other in practice, and a lost
-        // or stale checkpoint only costs a re-pull.
+        // What the page covers is durable already; the checkpoint itself need not be (a lost
+        // one costs a re-pull), so it rides on the next flush. Saved off the loop.
         let repo = self.repo.clone();
         let (key, incarnation) = (peer.to_bytes(), page.incarnation);
         tokio::task::spawn_blocking(move || {
@@ -1139,12 +1227,30 @@ impl EventLoop {
         let Some(s) = self.peers.get_mut(&peer) else {
             return;
         };
-        s.checkpoint = Some(checkpoint);
-        s.pull_in_flight = false;
+        s.applying = false;
+        // Never move backwards within one incarnation of the peer's store.
+        s.checkpoint = match s.checkpoint {
+            Some((inc, seq)) if inc == page.incarnation && seq > checkpoint => Some((inc, seq)),
+            _ => Some((page.incarnation, checkpoint)),
+        };
         if page.blocked_from.is_some() {
+            // Pages pipelined behind this one are pulled again once the blocked documents
+            // can be applied.
+            s.reset_pull();
             s.retry_at = Some(Instant::now() + DEFERRED_RETRY);
-        } else if page.more || s.pull_again {
+            return;
+        }
+        if let Some((next, docs)) = s.queued.take() {
+            s.applying = true;
+            let again = s.more || s.pull_again;
+            self.apply(peer, next, docs, false);
+            if again {
+                self.start_pull(peer);
+            }
+        } else if s.more || s.pull_again {
             self.start_pull(peer);
+        } else if !s.pull_in_flight {
+            s.last_sync = Some(chrono::Utc::now());
         }
     }
 }

@@ -287,10 +287,25 @@ impl Repo {
     }
 
     /// Commit the document's latest change to the store. On failure the cached copy is dropped.
-    fn persist(&self, id: Uuid, slot: &mut Option<Loaded>, mut index: Indexing) -> Result<Ticket> {
+    fn persist(&self, id: Uuid, slot: &mut Option<Loaded>, index: Indexing) -> Result<Ticket> {
         let loaded = slot
             .as_mut()
             .expect("persist is called on a loaded document");
+        let write = self.prepare_write(id, loaded, index);
+        match self.store.commit(write) {
+            Ok((ticket, meta)) => {
+                loaded.meta = Some(meta);
+                Ok(ticket)
+            }
+            Err(e) => {
+                *slot = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The store write for a loaded document's latest change (not yet committed).
+    fn prepare_write(&self, id: Uuid, loaded: &mut Loaded, mut index: Indexing) -> DocWrite {
         let data = match &loaded.meta {
             Some(m) if m.chunks < COMPACT_AFTER_CHUNKS => {
                 DocData::Chunk(loaded.doc.save_after(&hashes(&m.heads)))
@@ -303,7 +318,7 @@ impl Repo {
             _ => DocData::Snapshot(loaded.doc.save()),
         };
         let heads = heads_of(&mut loaded.doc);
-        let write = DocWrite {
+        DocWrite {
             id,
             kind: index.kind,
             tracker: index.tracker,
@@ -314,16 +329,6 @@ impl Repo {
             tracker_name: index.tracker_name,
             hlc: self.clock_last(),
             source: index.source,
-        };
-        match self.store.commit(write) {
-            Ok((ticket, meta)) => {
-                loaded.meta = Some(meta);
-                Ok(ticket)
-            }
-            Err(e) => {
-                *slot = None;
-                Err(e.into())
-            }
         }
     }
 

@@ -109,6 +109,11 @@ fn run(k: usize, ops: Vec<Op>, policy: ConflictPolicy) -> Result<(), TestCaseErr
 
     let stamp = |r: &mut Replica| {
         let floor = register::max_hlc(&r.doc);
+        // The one-pass maximum the receive path uses agrees with the scan of every key.
+        let (_, one_pass) = ItemDoc::new(&mut r.doc)
+            .view_with_max(Uuid::nil(), ConflictPolicy::Newer)
+            .expect("view");
+        assert_eq!(one_pass, floor);
         if let Some(f) = floor {
             r.clock.witness(f);
         }

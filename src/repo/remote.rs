@@ -11,10 +11,13 @@ use automerge::{AutoCommit, ChangeHash};
 use uuid::Uuid;
 
 use super::{heads_of, Indexing, ItemEvent, Loaded, Repo, Result, Source};
+
+/// Documents committed per sled batch when applying a peer's page.
+pub const APPLY_BATCH: usize = 256;
 use crate::hlc::Hlc;
 use crate::item::{actor_for, ItemDoc};
 use crate::schema::TrackerDoc;
-use crate::store::DocKind;
+use crate::store::{DocKind, DocWrite};
 
 /// A document as it travels between peers.
 #[derive(Clone, Debug)]
@@ -99,8 +102,9 @@ impl Repo {
         }))
     }
 
-    /// Merge documents from a peer. Each is applied on its own; the durable wait is shared.
-    /// `from` is the sender's peer tag.
+    /// Merge documents from a peer. Each is validated and merged on its own (one bad
+    /// document never blocks the others); the merged ones are committed in batches of up to
+    /// [`APPLY_BATCH`] and one durable wait covers them all. `from` is the sender's peer tag.
     pub fn apply_remote(
         &self,
         docs: Vec<RemoteDoc>,
@@ -110,13 +114,64 @@ impl Repo {
         let mut out = Vec::with_capacity(docs.len());
         let mut last_ticket = None;
         let mut events = Vec::new();
-        for doc in docs {
-            let (id, seq) = (doc.id, doc.seq);
-            let (applied, ticket) = self.apply_one(doc, from, &mut events)?;
-            if ticket.is_some() {
-                last_ticket = ticket;
+        let mut docs = docs.into_iter().peekable();
+        while docs.peek().is_some() {
+            // A batch holds each document once; its slots are locked in id order, so batches
+            // applied concurrently (two peers' pages) cannot deadlock.
+            let mut batch: Vec<RemoteDoc> = Vec::with_capacity(APPLY_BATCH);
+            let mut ids = std::collections::HashSet::new();
+            while let Some(d) = docs.next_if(|d| batch.len() < APPLY_BATCH && !ids.contains(&d.id))
+            {
+                ids.insert(d.id);
+                batch.push(d);
             }
-            out.push((id, seq, applied));
+            batch.sort_by_key(|d| d.id);
+            let slots: Vec<_> = batch.iter().map(|d| self.slot(d.id)).collect();
+            let mut guards: Vec<_> = slots.iter().map(|s| s.lock().expect("doc lock")).collect();
+            let mut writes = Vec::new();
+            let mut written = Vec::new();
+            let mut trackers = Vec::new();
+            for (n, doc) in batch.into_iter().enumerate() {
+                let (id, seq, kind) = (doc.id, doc.seq, doc.kind);
+                let (applied, write) = self.apply_one(doc, from, &mut guards[n])?;
+                if let Some((write, tracker)) = write {
+                    writes.push(write);
+                    written.push(n);
+                    match kind {
+                        DocKind::Tracker => trackers.push(id),
+                        DocKind::Item => events.push(ItemEvent {
+                            item: id,
+                            tracker,
+                            source: Source::Remote,
+                        }),
+                    }
+                }
+                out.push((id, seq, applied));
+            }
+            if !writes.is_empty() {
+                match self.store.commit_batch(writes) {
+                    Ok((ticket, metas)) => {
+                        for (n, meta) in written.into_iter().zip(metas) {
+                            if let Some(loaded) = guards[n].as_mut() {
+                                loaded.meta = Some(meta);
+                            }
+                        }
+                        last_ticket = Some(ticket);
+                    }
+                    Err(e) => {
+                        // Nothing of the batch was written: drop the merged copies, they
+                        // reload from disk.
+                        for n in written {
+                            *guards[n] = None;
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            drop(guards);
+            for id in trackers {
+                self.refresh_tracker(id)?;
+            }
         }
         if let Some(t) = last_ticket {
             self.store.wait_durable(t)?;
@@ -128,12 +183,14 @@ impl Repo {
         Ok(out)
     }
 
+    /// Validate and merge one document into its (locked) slot. Returns the store write to
+    /// commit, with the item's tracker, when it merged.
     fn apply_one(
         &self,
         remote: RemoteDoc,
         from: u64,
-        events: &mut Vec<ItemEvent>,
-    ) -> Result<(Applied, Option<crate::store::Ticket>)> {
+        guard: &mut Option<Loaded>,
+    ) -> Result<(Applied, Option<(DocWrite, Uuid)>)> {
         let id = remote.id;
         if let Some(m) = self.store.doc_meta(id)? {
             if m.heads == remote.heads {
@@ -149,9 +206,7 @@ impl Repo {
         if let Err(why) = super::guard::check(&remote.data) {
             return Ok((Applied::Refused(format!("document {id}: {why}")), None));
         }
-        let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
-        let existing = self.ensure_loaded(id, &mut guard)?.is_some();
+        let existing = self.ensure_loaded(id, guard)?.is_some();
         let before: Vec<[u8; 32]> = guard
             .as_ref()
             .and_then(|l| l.meta.as_ref())
@@ -199,13 +254,12 @@ impl Repo {
 
         // Validate the merged document as what it claims to be.
         let check = catch_unwind(AssertUnwindSafe(|| -> Result<Checked, String> {
-            let max = crate::register::max_hlc(&doc);
             match remote.kind {
                 DocKind::Item => {
                     let idoc = ItemDoc::new(&mut doc);
                     let tracker = idoc.tracker().map_err(|e| e.to_string())?;
-                    let view = idoc
-                        .view(id, self.policy_of(tracker))
+                    let (view, max) = idoc
+                        .view_with_max(id, self.policy_of(tracker))
                         .map_err(|e| e.to_string())?;
                     let display = (!existing)
                         .then(|| view.display_id.clone())
@@ -213,6 +267,7 @@ impl Repo {
                     Ok((tracker, view.deleted, display, max, None))
                 }
                 DocKind::Tracker => {
+                    let max = crate::register::max_hlc(&doc);
                     let t = TrackerDoc::new(&mut doc)
                         .view(id)
                         .map_err(|e| e.to_string())?;
@@ -285,19 +340,9 @@ impl Repo {
                 ..Indexing::tracker(id)
             },
         };
-        let ticket = self.persist(id, &mut guard, index)?;
-        drop(guard);
-        match remote.kind {
-            DocKind::Tracker => {
-                self.refresh_tracker(id)?;
-            }
-            DocKind::Item => events.push(ItemEvent {
-                item: id,
-                tracker,
-                source: Source::Remote,
-            }),
-        }
-        Ok((Applied::Merged, Some(ticket)))
+        let loaded = guard.as_mut().expect("merged document is in its slot");
+        let write = self.prepare_write(id, loaded, index);
+        Ok((Applied::Merged, Some((write, tracker))))
     }
 }
 
