@@ -707,6 +707,47 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     emit(
         json!({"bench": "sync", "scenario": "live_latency", "n": n, "edits": live, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lat[lat.len() - 1]}),
     );
+    // 5. First contact between nodes that already hold the same items: unpaired (checkpoints
+    // forgotten) and paired again, they reconcile by range summaries.
+    let (a_id, b_id) = (
+        a.get("/status").await?["peer_id"].clone(),
+        b.get("/status").await?["peer_id"].clone(),
+    );
+    for (node, other) in [(&a, &b_id), (&b, &a_id)] {
+        let res = node
+            .http
+            .delete(format!(
+                "{}/api/v1/peers/{}",
+                node.base,
+                other.as_str().unwrap_or("")
+            ))
+            .bearer_auth(&node.token)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("unpair failed: {}", res.status());
+        }
+    }
+    let a_bytes0 = a.metric("trackersync_sync_bytes_sent").await
+        + a.metric("trackersync_sync_bytes_received").await;
+    let t0 = Instant::now();
+    b.post("/peers", &json!({"addr": a_addr})).await?;
+    a.post("/peers", &json!({"addr": b_addr})).await?;
+    until(limit, "first-contact reconciliation", || async {
+        Ok(b.get("/peers")
+            .await?
+            .as_array()
+            .and_then(|p| p.first())
+            .is_some_and(|p| !p["last_sync"].is_null()))
+    })
+    .await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let bytes = a.metric("trackersync_sync_bytes_sent").await
+        + a.metric("trackersync_sync_bytes_received").await
+        - a_bytes0;
+    emit(
+        json!({"bench": "sync", "scenario": "first_contact_same_items", "n": n, "seconds": secs, "bytes_both_ways": bytes}),
+    );
     a.stop().await;
     b.stop().await;
     Ok(())

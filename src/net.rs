@@ -11,6 +11,7 @@
 //! served or pulled from; an unauthorized peer's connection is closed as soon as it opens, and
 //! any request from it is refused. Removing a peer disconnects it at once.
 
+mod reconcile;
 mod wire;
 
 /// Wire conversions, for the fuzz harness.
@@ -265,6 +266,7 @@ struct PeerState {
     cursor: Option<(Uuid, u64)>,
     /// Bumped whenever `cursor` is reset; replies to older pulls are discarded.
     epoch: u64,
+    recon: Option<Recon>,
     notify_in_flight: bool,
     notify_again: bool,
     /// When to dial or pull again (after a failure, or for deferred documents).
@@ -287,6 +289,7 @@ impl PeerState {
             more: false,
             cursor: None,
             epoch: 0,
+            recon: None,
             notify_in_flight: false,
             notify_again: false,
             retry_at: None,
@@ -303,6 +306,7 @@ impl PeerState {
         self.queued = None;
         self.cursor = self.checkpoint;
         self.pull_in_flight = false;
+        self.recon = None;
     }
 }
 
@@ -317,13 +321,32 @@ struct PullPage {
     /// Automerge bytes the page carried (before any fetch).
     bytes: usize,
     seqs: HashMap<Uuid, u64>,
+    /// Documents a reconciliation found to differ (no checkpoint to move on their own).
+    reconcile: bool,
 }
+
+/// A reconciliation by range fingerprints in progress with one peer (see `reconcile`).
+struct Recon {
+    /// The peer's incarnation and last sequence number at its first answer: our checkpoint
+    /// once every differing document is applied.
+    at: Option<(Uuid, u64)>,
+    pending: Vec<reconcile::IdRange>,
+    wanted: Vec<Uuid>,
+    rounds: u32,
+    started: Instant,
+    fetched: usize,
+}
+
+/// Reconciliation rounds before we give up and pull the peer's whole feed instead (an honest
+/// peer needs a handful per `reconcile::MAX_RANGES` differing ranges).
+const MAX_RECON_ROUNDS: u32 = 10_000;
 
 /// Our requests in flight (the peer comes with the response event).
 enum Outbound {
     /// Sent at, and the peer's pull epoch then.
     Pull(Instant, u64),
     Fetch(PullPage),
+    Reconcile(u64),
     Notify,
     Join,
 }
@@ -336,6 +359,7 @@ enum Work {
         Result<Vec<(Uuid, u64, Applied)>, String>,
         bool,
     ),
+    Compared(PeerId, u64, Result<reconcile::Outcome, wire::WireError>),
 }
 
 struct EventLoop {
@@ -443,6 +467,10 @@ impl EventLoop {
                         let existed = self.peers.remove(&peer).is_some();
                         if let Err(e) = self.repo.store().remove_peer(&id) {
                             tracing::error!(error = %e, "cannot remove peer from the store");
+                        }
+                        // Meeting it again is a first contact (reconciled by summaries).
+                        if let Err(e) = self.repo.store().remove_checkpoint(&peer.to_bytes()) {
+                            tracing::error!(error = %e, "cannot remove the peer's checkpoint");
                         }
                         // Revocation takes effect at once.
                         let _ = self.swarm.disconnect_peer_id(peer);
@@ -583,7 +611,7 @@ impl EventLoop {
             return;
         }
         // One request on the wire and at most one page waiting behind the one applying.
-        if s.pull_in_flight || s.queued.is_some() {
+        if s.pull_in_flight || s.queued.is_some() || s.recon.is_some() {
             s.pull_again = true;
             return;
         }
@@ -594,6 +622,20 @@ impl EventLoop {
                     s.checkpoint = Some((inc, seq));
                     s.cursor = Some((inc, seq));
                     (inc.as_bytes().to_vec(), seq)
+                }
+                Ok(None) if self.repo.store().last_seq() > 0 => {
+                    // First contact, and we hold documents already: reconcile by summaries
+                    // rather than pull everything the peer has.
+                    s.recon = Some(Recon {
+                        at: None,
+                        pending: vec![reconcile::IdRange::ALL],
+                        wanted: Vec::new(),
+                        rounds: 0,
+                        started: Instant::now(),
+                        fetched: 0,
+                    });
+                    s.pull_again = false;
+                    return self.send_reconcile(peer);
                 }
                 Ok(None) => (Vec::new(), 0),
                 Err(e) => {
@@ -616,6 +658,91 @@ impl EventLoop {
         let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
         self.outbound
             .insert(id, Outbound::Pull(Instant::now(), epoch));
+    }
+
+    /// Ask the peer for summaries of the next pending ranges.
+    fn send_reconcile(&mut self, peer: PeerId) {
+        let Some(s) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(recon) = s.recon.as_mut() else {
+            return;
+        };
+        let n = recon.pending.len().min(reconcile::MAX_RANGES);
+        let ranges = recon.pending.drain(..n).map(|r| r.to_wire()).collect();
+        s.pull_in_flight = true;
+        let epoch = s.epoch;
+        let req = pb::Request {
+            version: wire::VERSION,
+            body: Some(pb::request::Body::Reconcile(pb::Reconcile { ranges })),
+        };
+        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        self.outbound.insert(id, Outbound::Reconcile(epoch));
+    }
+
+    /// Fetch the next documents reconciliation found to differ, or finish: the checkpoint
+    /// becomes the peer's sequence number at its first answer, and pulls take over.
+    fn recon_fetch(&mut self, peer: PeerId) {
+        let Some(s) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(recon) = s.recon.as_mut() else {
+            return;
+        };
+        let Some((incarnation, last_seq)) = recon.at else {
+            return;
+        };
+        if recon.wanted.is_empty() {
+            tracing::info!(
+                %peer,
+                rounds = recon.rounds,
+                fetched = recon.fetched,
+                ms = recon.started.elapsed().as_millis() as u64,
+                "reconciled with peer"
+            );
+            s.recon = None;
+            s.checkpoint = Some((incarnation, last_seq));
+            s.cursor = s.checkpoint;
+            let repo = self.repo.clone();
+            let key = peer.to_bytes();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = repo.store().set_checkpoint(&key, incarnation, last_seq) {
+                    tracing::error!(error = %e, "cannot save checkpoint");
+                }
+            });
+            return self.start_pull(peer);
+        }
+        let n = recon.wanted.len().min(wire::MAX_FETCH);
+        let ids: Vec<Uuid> = recon.wanted.drain(..n).collect();
+        recon.fetched += ids.len();
+        let mut docs = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let heads = match self.repo.store().doc_meta(*id) {
+                Ok(Some(m)) => m.heads,
+                _ => Vec::new(),
+            };
+            docs.push(pb::Have {
+                id: id.as_bytes().to_vec(),
+                heads: heads.into_iter().map(|h| h.to_vec()).collect(),
+            });
+        }
+        s.applying = true;
+        let page = PullPage {
+            incarnation,
+            last_seq,
+            blocked_from: None,
+            started: Instant::now(),
+            received: ids.len(),
+            bytes: 0,
+            seqs: HashMap::new(),
+            reconcile: true,
+        };
+        let req = pb::Request {
+            version: wire::VERSION,
+            body: Some(pb::request::Body::Fetch(pb::Fetch { docs })),
+        };
+        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        self.outbound.insert(id, Outbound::Fetch(page));
     }
 
     fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -785,6 +912,14 @@ impl EventLoop {
                             }
                             self.backoff(peer, &error.to_string());
                         }
+                        Outbound::Reconcile(epoch) => {
+                            if let Some(s) = self.peers.get_mut(&peer) {
+                                if s.epoch == epoch {
+                                    s.reset_pull();
+                                }
+                                s.last_error = Some(error.to_string());
+                            }
+                        }
                         Outbound::Notify => {
                             // A change queued behind the failed notify must not be lost: notify
                             // again (only connected peers are notified; a peer that reconnects
@@ -904,6 +1039,49 @@ impl EventLoop {
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot read the change feed");
+                            refused("storage error")
+                        }
+                    };
+                    let _ = work.blocking_send(Work::Respond(channel, response));
+                });
+            }
+            Some(pb::request::Body::Reconcile(req)) if serves => {
+                let ranges: Result<Vec<_>, _> = if req.ranges.len() > reconcile::MAX_RANGES {
+                    Err(wire::WireError("too many ranges".into()))
+                } else {
+                    req.ranges
+                        .iter()
+                        .map(reconcile::IdRange::from_wire)
+                        .collect()
+                };
+                let ranges = match ranges {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .rr
+                            .send_response(channel, refused("malformed reconcile"));
+                        return self.drop_peer(peer, &e.to_string());
+                    }
+                };
+                let repo = self.repo.clone();
+                let work = self.work_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let store = repo.store();
+                    // Read before summarizing: anything changed later is in the feed after it.
+                    let last_seq = store.last_seq();
+                    let response = match store.with_digests(|i| reconcile::summarize(i, &ranges)) {
+                        Ok(summaries) => pb::Response {
+                            version: wire::VERSION,
+                            body: Some(pb::response::Body::Reconcile(pb::ReconcileReply {
+                                incarnation: store.incarnation().as_bytes().to_vec(),
+                                last_seq,
+                                ranges: summaries,
+                            })),
+                        },
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read document digests");
                             refused("storage error")
                         }
                     };
@@ -1047,6 +1225,7 @@ impl EventLoop {
                     received: docs.len(),
                     bytes: docs.iter().map(|d| d.data.len()).sum(),
                     seqs: docs.iter().map(|d| (d.id, d.seq)).collect(),
+                    reconcile: false,
                 };
                 let Some(s) = self.peers.get_mut(&peer) else {
                     return;
@@ -1067,6 +1246,44 @@ impl EventLoop {
                     self.start_pull(peer);
                 }
             }
+            (Outbound::Reconcile(epoch), Some(pb::response::Body::Reconcile(reply))) => {
+                let Some(s) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if s.epoch != epoch {
+                    return;
+                }
+                s.pull_in_flight = false;
+                let incarnation = match wire::uuid(&reply.incarnation, "incarnation") {
+                    Ok(i) => i,
+                    Err(e) => return self.drop_peer(peer, &e.to_string()),
+                };
+                let Some(recon) = s.recon.as_mut() else {
+                    return;
+                };
+                match recon.at {
+                    None => recon.at = Some((incarnation, reply.last_seq)),
+                    Some((inc, _)) if inc != incarnation => {
+                        // The peer's store was replaced under us: start over.
+                        s.reset_pull();
+                        return self.start_pull(peer);
+                    }
+                    Some(_) => {}
+                }
+                recon.rounds += 1;
+                let repo = self.repo.clone();
+                let work = self.work_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let outcome = repo
+                        .store()
+                        .with_digests(|index| reconcile::compare(index, &reply.ranges))
+                        .unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "cannot read document digests");
+                            Ok(reconcile::Outcome::default())
+                        });
+                    let _ = work.blocking_send(Work::Compared(peer, epoch, outcome));
+                });
+            }
             (Outbound::Fetch(page), Some(pb::response::Body::Fetch(reply))) => {
                 let mut docs = Vec::with_capacity(reply.docs.len());
                 for e in reply.docs {
@@ -1084,7 +1301,11 @@ impl EventLoop {
                 tracing::warn!(%peer, reason = %r.reason, "peer refused our request");
                 if let Some(s) = self.peers.get_mut(&peer) {
                     match out {
-                        Outbound::Pull(_, epoch) if epoch != s.epoch => return,
+                        Outbound::Pull(_, epoch) | Outbound::Reconcile(epoch)
+                            if epoch != s.epoch =>
+                        {
+                            return
+                        }
                         Outbound::Fetch(_) => s.applying = false,
                         _ => {}
                     }
@@ -1133,6 +1354,34 @@ impl EventLoop {
 
     fn on_work(&mut self, work: Work) {
         match work {
+            Work::Compared(peer, epoch, outcome) => {
+                let Some(s) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if s.epoch != epoch {
+                    return;
+                }
+                let outcome = match outcome {
+                    Ok(o) => o,
+                    Err(e) => return self.drop_peer(peer, &e.to_string()),
+                };
+                let Some(recon) = s.recon.as_mut() else {
+                    return;
+                };
+                recon.pending.extend(outcome.next);
+                recon.wanted.extend(outcome.wanted);
+                if recon.rounds >= MAX_RECON_ROUNDS {
+                    tracing::warn!(%peer, "reconciliation does not converge; pulling the whole feed");
+                    s.recon = None;
+                    s.cursor = Some((Uuid::nil(), 0));
+                    return self.start_pull(peer);
+                }
+                if recon.pending.is_empty() {
+                    self.recon_fetch(peer);
+                } else {
+                    self.send_reconcile(peer);
+                }
+            }
             Work::Respond(channel, response) => {
                 let _ = self
                     .swarm
@@ -1200,6 +1449,19 @@ impl EventLoop {
     }
 
     fn finish_page(&mut self, peer: PeerId, page: PullPage) {
+        if page.reconcile {
+            let Some(s) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            s.applying = false;
+            if page.blocked_from.is_some() {
+                // Retried later; with no checkpoint yet, that is a new reconciliation.
+                s.reset_pull();
+                s.retry_at = Some(Instant::now() + DEFERRED_RETRY);
+                return;
+            }
+            return self.recon_fetch(peer);
+        }
         let checkpoint = match page.blocked_from {
             Some(b) => b.saturating_sub(1),
             None => page.last_seq,

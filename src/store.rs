@@ -25,7 +25,7 @@
 //! waiters share flushes (leader/follower group commit): one fsync covers every batch applied
 //! before it began. All calls block; async callers use `spawn_blocking`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +102,20 @@ pub struct DocMeta {
     /// our heads equal that peer's; 0 after a local write. Serving that peer's pull skips the
     /// document: it already has exactly this.
     pub source: u64,
+}
+
+/// A document's state in 16 bytes: BLAKE3 over its id and its heads in sorted order, so two
+/// nodes holding the same state of a document compute the same digest.
+pub fn doc_digest(id: Uuid, heads: &[[u8; 32]]) -> u128 {
+    let mut sorted = heads.to_vec();
+    sorted.sort_unstable();
+    let mut h = blake3::Hasher::new();
+    h.update(id.as_bytes());
+    for head in &sorted {
+        h.update(head);
+    }
+    let out = h.finalize();
+    u128::from_le_bytes(out.as_bytes()[..16].try_into().expect("16 bytes"))
 }
 
 /// A stable 64-bit tag for a peer, for [`DocMeta::source`]. Never 0.
@@ -268,6 +282,9 @@ pub struct Store {
     writers: AtomicUsize,
     display_next: AtomicU64,
     flushes: AtomicU64,
+    /// Document digests by id, for set reconciliation; built on first use, then kept current
+    /// by every commit.
+    digests: Mutex<Option<BTreeMap<Uuid, u128>>>,
 }
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -338,6 +355,7 @@ impl Store {
             writers: AtomicUsize::new(0),
             display_next: AtomicU64::new(display_next),
             flushes: AtomicU64::new(0),
+            digests: Mutex::new(None),
         })
     }
 
@@ -447,6 +465,11 @@ impl Store {
             batch.insert(META_STATE, next.encode());
         }
         self.db.apply_batch(batch)?;
+        if let Some(index) = self.digests.lock().expect("digests lock").as_mut() {
+            for (id, meta) in &staged {
+                index.insert(*id, doc_digest(*id, &meta.heads));
+            }
+        }
         *st = next;
         let ticket = Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
         drop(st);
@@ -718,6 +741,38 @@ impl Store {
             .is_some();
         self.db.flush()?;
         Ok(existed)
+    }
+
+    /// Forget our checkpoint on a peer's feed (the peer was removed: meeting it again is a
+    /// first contact, reconciled by summaries).
+    pub fn remove_checkpoint(&self, peer: &[u8]) -> Result<()> {
+        self.db.remove(key(P_CHECKPOINT, &[peer]))?;
+        Ok(())
+    }
+
+    /// Run `f` on the digest index (id -> [`doc_digest`]) of every document, building it on
+    /// first use from the stored metadata.
+    pub fn with_digests<R>(&self, f: impl FnOnce(&BTreeMap<Uuid, u128>) -> R) -> Result<R> {
+        let mut guard = self.digests.lock().expect("digests lock");
+        if guard.is_none() {
+            let mut index = BTreeMap::new();
+            for kv in self.db.scan_prefix([P_DOCMETA]) {
+                let (k, v) = kv?;
+                let id = uuid_at(&k, 1)?;
+                let meta = DocMeta::decode(&v).ok_or(StoreError::Corrupt {
+                    key: format!("H{id}"),
+                    what: "document metadata",
+                })?;
+                index.insert(id, doc_digest(id, &meta.heads));
+            }
+            *guard = Some(index);
+        }
+        Ok(f(guard.as_ref().expect("built above")))
+    }
+
+    /// Documents stored (items, deleted ones included, and trackers).
+    pub fn doc_count(&self) -> Result<u64> {
+        self.with_digests(|d| d.len() as u64)
     }
 
     /// The document written last (highest change sequence number), if any.

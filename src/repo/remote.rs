@@ -90,8 +90,13 @@ impl Repo {
             return Ok(None);
         };
         let have: Vec<ChangeHash> = have.iter().map(|h| ChangeHash(*h)).collect();
-        // Heads we do not know make Automerge return everything, which is what the peer needs.
-        let data = loaded.doc.save_after(&have);
+        // A peer without the document gets it whole and compact; heads we do not know make
+        // Automerge return everything, which is what the peer needs.
+        let data = if have.is_empty() {
+            loaded.doc.save()
+        } else {
+            loaded.doc.save_after(&have)
+        };
         Ok(Some(RemoteDoc {
             id,
             kind: meta.kind,

@@ -167,6 +167,38 @@ impl TestNode {
         s["peer_id"].as_str().expect("peer id").to_string()
     }
 
+    /// A counter or gauge from `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Revoke each other, both ways.
+    pub async fn unpair(&self, other: &TestNode) {
+        for (x, y) in [(self, other), (other, self)] {
+            let id = y.peer_id().await;
+            let (s, e) = x
+                .request(
+                    reqwest::Method::DELETE,
+                    &format!("/api/v1/peers/{id}"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{e}");
+        }
+    }
+
     /// Authorize each other, both ways, by address.
     pub async fn pair(&self, other: &TestNode) {
         let (s, e) = self
