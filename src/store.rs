@@ -215,6 +215,22 @@ pub struct DocBytes {
     pub meta: DocMeta,
     pub snapshot: Vec<u8>,
     pub chunks: Vec<Vec<u8>>,
+    /// The change sequence number each chunk was written at (0 if unknown).
+    pub chunk_seqs: Vec<u64>,
+}
+
+/// Format tag of a stored chunk: tag, sequence number (u64 BE), Automerge bytes. A value
+/// without the tag (it would start with Automerge's magic bytes) is an untagged chunk.
+const CHUNK_V1: u8 = 1;
+
+fn decode_chunk(v: &[u8]) -> (u64, &[u8]) {
+    match v.split_first() {
+        Some((&CHUNK_V1, rest)) if rest.len() >= 8 => (
+            u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+            &rest[8..],
+        ),
+        _ => (0, v),
+    }
 }
 
 /// Proof that a batch was applied; pass it to [`Store::wait_durable`].
@@ -414,13 +430,18 @@ impl Store {
             })?
             .to_vec();
         let mut chunks = Vec::new();
+        let mut chunk_seqs = Vec::new();
         for kv in self.db.scan_prefix(key(P_CHUNK, &[id.as_bytes()])) {
-            chunks.push(kv?.1.to_vec());
+            let v = kv?.1;
+            let (seq, bytes) = decode_chunk(&v);
+            chunks.push(bytes.to_vec());
+            chunk_seqs.push(seq);
         }
         Ok(Some(DocBytes {
             meta,
             snapshot,
             chunks,
+            chunk_seqs,
         }))
     }
 
@@ -497,10 +518,11 @@ impl Store {
             }
             DocData::Chunk(bytes) => {
                 let n = old.as_ref().map_or(0, |m| m.chunks);
-                batch.insert(
-                    key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]),
-                    bytes.as_slice(),
-                );
+                let mut value = Vec::with_capacity(9 + bytes.len());
+                value.push(CHUNK_V1);
+                value.extend_from_slice(&seq.to_be_bytes());
+                value.extend_from_slice(bytes);
+                batch.insert(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]), value);
                 n + 1
             }
         };
@@ -669,10 +691,23 @@ impl Store {
             let Some(doc) = self.load_doc(id)? else {
                 continue;
             };
+            // A requester at checkpoint `since` got this document as of then: send only the
+            // chunks written after it. (If it missed some after all, it fetches with its heads.)
             let data = if doc.chunks.is_empty() {
                 doc.snapshot
             } else {
-                doc.chunks.concat()
+                let newer: Vec<&Vec<u8>> = doc
+                    .chunks
+                    .iter()
+                    .zip(&doc.chunk_seqs)
+                    .filter(|(_, &s)| s > since)
+                    .map(|(c, _)| c)
+                    .collect();
+                if newer.is_empty() {
+                    doc.chunks.concat()
+                } else {
+                    newer.into_iter().flatten().copied().collect()
+                }
             };
             bytes += data.len();
             out.push(FeedEntry {
@@ -914,6 +949,32 @@ mod tests {
             .items_of_tracker(t, None, 10, Some(true))
             .expect("list");
         assert_eq!((ids, more), (vec![id], false));
+    }
+
+    #[test]
+    fn feed_sends_only_chunks_written_after_the_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (id, t) = (Uuid::now_v7(), Uuid::now_v7());
+        for data in [
+            DocData::Snapshot(b"s1".to_vec()),
+            DocData::Chunk(b"c1".to_vec()),
+            DocData::Chunk(b"c2".to_vec()),
+            DocData::Chunk(b"c3".to_vec()),
+        ] {
+            store.commit(write(id, t, data, false)).expect("commit");
+        }
+        // Seqs: s1 = 1, c1 = 2, c2 = 3, c3 = 4.
+        let data = |since| {
+            let (entries, last, _) = store.feed_since(since, 10, 1 << 20, 0).expect("feed");
+            assert_eq!(last, 4);
+            entries.into_iter().next().expect("the document").data
+        };
+        assert_eq!(data(0), b"c1c2c3");
+        assert_eq!(data(2), b"c2c3");
+        assert_eq!(data(3), b"c3");
+        let d = store.load_doc(id).expect("load").expect("exists");
+        assert_eq!(d.chunk_seqs, vec![2, 3, 4]);
     }
 
     #[test]
