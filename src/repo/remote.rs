@@ -136,12 +136,19 @@ impl Repo {
             let mut writes = Vec::new();
             let mut written = Vec::new();
             let mut trackers = Vec::new();
+            // Documents new to this store are not kept decoded afterwards: an initial sync
+            // would otherwise fill the cache (and memory) with documents nobody is reading.
+            let mut uncache = Vec::new();
             for (n, doc) in batch.into_iter().enumerate() {
                 let (id, seq, kind) = (doc.id, doc.seq, doc.kind);
+                let new_doc = guards[n].is_none() && self.store.doc_meta(id)?.is_none();
                 let (applied, write) = self.apply_one(doc, from, &mut guards[n])?;
                 if let Some((write, tracker)) = write {
                     writes.push(write);
                     written.push(n);
+                    if new_doc && kind == DocKind::Item {
+                        uncache.push(n);
+                    }
                     match kind {
                         DocKind::Tracker => trackers.push(id),
                         DocKind::Item => events.push(ItemEvent {
@@ -162,6 +169,9 @@ impl Repo {
                             }
                         }
                         last_ticket = Some(ticket);
+                        for n in uncache {
+                            *guards[n] = None;
+                        }
                     }
                     Err(e) => {
                         // Nothing of the batch was written: drop the merged copies, they
@@ -246,13 +256,23 @@ impl Repo {
                 return Ok((Applied::Panicked, None));
             }
         };
-        let complete = catch_unwind(AssertUnwindSafe(|| {
-            remote
-                .heads
-                .iter()
-                .all(|h| doc.get_change_by_hash(&ChangeHash(*h)).is_some())
-        }))
-        .unwrap_or(false);
+        // When we now hold exactly the sender's state (the usual case) the heads say so; only
+        // otherwise look each of its heads up (which makes Automerge index every change).
+        let same_as_sender = {
+            let mut ours = heads_of(&mut doc);
+            ours.sort_unstable();
+            let mut theirs = remote.heads.clone();
+            theirs.sort_unstable();
+            ours == theirs
+        };
+        let complete = same_as_sender
+            || catch_unwind(AssertUnwindSafe(|| {
+                remote
+                    .heads
+                    .iter()
+                    .all(|h| doc.get_change_by_hash(&ChangeHash(*h)).is_some())
+            }))
+            .unwrap_or(false);
         if !complete {
             return Ok((Applied::Incomplete { have: before }, None));
         }
@@ -311,14 +331,7 @@ impl Repo {
         } else {
             None
         };
-        // When we now hold exactly the sender's state, serving its pulls can skip this document.
-        let same_as_sender = {
-            let mut ours = heads_of(&mut doc);
-            ours.sort_unstable();
-            let mut theirs = remote.heads.clone();
-            theirs.sort_unstable();
-            ours == theirs
-        };
+        // Holding exactly the sender's state, serving its pulls can skip this document.
         *guard = Some(Loaded {
             doc,
             meta,
