@@ -891,7 +891,7 @@ fn fuzz_seeds(dir: &Path) -> Result<()> {
         .encode_to_vec(),
         pb::Request {
             version: 1,
-            body: Some(pb::request::Body::Notify(pb::Notify { seq: 9 })),
+            body: Some(pb::request::Body::Notify(pb::Notify { seq: 9, run: false })),
         }
         .encode_to_vec(),
         pb::Request {

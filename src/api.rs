@@ -82,8 +82,8 @@ pub fn router(state: AppState) -> Router {
             "/peers/{peer}",
             axum::routing::patch(update_peer).delete(remove_peer),
         )
-        .route("/sync", post(not_yet))
-        .route("/log", get(not_yet))
+        .route("/sync", post(sync_now))
+        .route("/log", get(sync_log))
         .route("/export", post(not_yet))
         .route("/import", post(not_yet))
         .fallback(not_found)

@@ -50,6 +50,34 @@ pub enum Command {
     /// Authorize, list, change and revoke peers.
     #[command(subcommand)]
     Peer(PeerCmd),
+    /// The sync log: one line per sync session with a peer, newest first.
+    Log(LogArgs),
+    /// Sync now with one peer (or every peer), whatever the schedule; prints a summary and
+    /// exits non-zero if syncing with any peer failed.
+    Sync(SyncArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// The peer (PeerId); default: every peer.
+    pub peer: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    /// Only sessions with this peer (PeerId).
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Only sessions started at or after this time (RFC 3339, e.g. 2026-11-22T10:00:00Z).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many entries.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,6 +90,9 @@ pub enum PeerCmd {
         /// both (default), pull (only take its changes) or push (only send ours).
         #[arg(long)]
         mode: Option<String>,
+        /// continuous (default), manual (only `trackersync sync`) or an interval: 15m, 2h.
+        #[arg(long)]
+        schedule: Option<String>,
         /// Refuse this peer's changes; it may still pull ours.
         #[arg(long)]
         read_only: bool,
@@ -70,13 +101,16 @@ pub enum PeerCmd {
     },
     /// List authorized peers and whether they are connected.
     List(JsonFlag),
-    /// Change a peer's name, mode or read-only flag.
+    /// Change a peer's name, mode, schedule or read-only flag.
     Update {
         peer: String,
         #[arg(long)]
         name: Option<String>,
         #[arg(long)]
         mode: Option<String>,
+        /// continuous, manual or an interval: 15m, 2h.
+        #[arg(long)]
+        schedule: Option<String>,
         #[arg(long)]
         read_only: Option<bool>,
         #[arg(long)]
@@ -346,6 +380,8 @@ async fn client_command(c: &Client, cmd: Command) -> Result<()> {
         Command::Item(i) => item_command(c, i).await?,
         Command::Conflicts(a) => conflicts_command(c, a).await?,
         Command::Peer(p) => peer_command(c, p).await?,
+        Command::Log(a) => log_command(c, a).await?,
+        Command::Sync(a) => sync_command(c, a).await?,
     }
     Ok(())
 }
@@ -630,6 +666,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             peer,
             name,
             mode,
+            schedule,
             read_only,
             json,
         } => {
@@ -643,6 +680,9 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             }
             if let Some(m) = mode {
                 body["mode"] = json!(m);
+            }
+            if let Some(s) = schedule {
+                body["schedule"] = json!(s);
             }
             body["read_only"] = json!(read_only);
             let p = c.request(Method::POST, "/peers", Some(body)).await?;
@@ -659,7 +699,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             } else {
                 for p in list.as_array().into_iter().flatten() {
                     println!(
-                        "{}  {}  mode {}{}  {}",
+                        "{}  {}  mode {}  schedule {}{}  {}",
                         p["peer_id"].as_str().unwrap_or(""),
                         if p["connected"].as_bool() == Some(true) {
                             "connected"
@@ -667,6 +707,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
                             "not connected"
                         },
                         p["mode"].as_str().unwrap_or(""),
+                        p["schedule"].as_str().unwrap_or(""),
                         if p["read_only"].as_bool() == Some(true) {
                             " read-only"
                         } else {
@@ -681,6 +722,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             peer,
             name,
             mode,
+            schedule,
             read_only,
             json,
         } => {
@@ -690,6 +732,9 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             }
             if let Some(m) = mode {
                 body["mode"] = json!(m);
+            }
+            if let Some(s) = schedule {
+                body["schedule"] = json!(s);
             }
             if let Some(r) = read_only {
                 body["read_only"] = json!(r);
@@ -807,4 +852,99 @@ fn print_item(i: &Json, json: bool) {
         i["created"].as_str().unwrap_or(""),
         i["updated"].as_str().unwrap_or("")
     );
+}
+
+async fn log_command(c: &Client, a: LogArgs) -> Result<()> {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("limit", &a.limit.to_string());
+    if let Some(p) = &a.peer {
+        query.append_pair("peer", p);
+    }
+    if let Some(t) = &a.since {
+        query.append_pair("since", t);
+    }
+    let list = c.get(&format!("/log?{}", query.finish())).await?;
+    if a.json {
+        print_json(&list);
+        return Ok(());
+    }
+    let entries = list.as_array().cloned().unwrap_or_default();
+    if entries.is_empty() {
+        println!("no sync sessions logged");
+    }
+    for e in entries {
+        let peer = e["peer_name"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| e["peer"].as_str().unwrap_or("").to_string());
+        println!(
+            "{}  {}  {} {}  sent {}  received {}  conflicts {}  {}{}  {} ms  {}",
+            e["time"].as_str().unwrap_or(""),
+            peer,
+            e["trigger"].as_str().unwrap_or(""),
+            e["direction"].as_str().unwrap_or(""),
+            e["sent"],
+            e["received"],
+            e["conflicts"],
+            e["result"].as_str().unwrap_or(""),
+            if e["remote_error"] == true {
+                " (remote)"
+            } else {
+                ""
+            },
+            e["duration_ms"],
+            e["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    let body = match &a.peer {
+        Some(p) => json!({"peer": p}),
+        None => json!({}),
+    };
+    // A spinner with the elapsed time while the node syncs, when someone is watching.
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} syncing… {elapsed}")
+                .expect("valid template"),
+        );
+        pb.enable_steady_tick(std::time::Duration::from_millis(120));
+        pb
+    });
+    let result = c.request(Method::POST, "/sync", Some(body)).await;
+    if let Some(pb) = spinner {
+        pb.finish_and_clear();
+    }
+    let summary = result?;
+    if a.json {
+        print_json(&summary);
+    } else {
+        println!(
+            "sent {}  received {}  conflicts {}  errors {}  ({} ms)",
+            summary["sent"],
+            summary["received"],
+            summary["conflicts"],
+            summary["errors"],
+            summary["duration_ms"]
+        );
+        for p in summary["peers"].as_array().into_iter().flatten() {
+            println!(
+                "  {}  sent {}  received {}  conflicts {}  {}",
+                p["peer"].as_str().unwrap_or(""),
+                p["sent"],
+                p["received"],
+                p["conflicts"],
+                p["error"].as_str().unwrap_or("ok")
+            );
+        }
+    }
+    let errors = summary["errors"].as_u64().unwrap_or(0);
+    if errors > 0 {
+        anyhow::bail!("sync failed with {errors} peer(s)");
+    }
+    Ok(())
 }

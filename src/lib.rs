@@ -19,3 +19,4 @@ pub mod register;
 pub mod repo;
 pub mod schema;
 pub mod store;
+pub mod synclog;

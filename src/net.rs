@@ -66,6 +66,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a peer dropped for misbehaving waits before we dial it again.
 const MISBEHAVIOUR_PAUSE: Duration = Duration::from_secs(30);
+/// How often mDNS asks the LAN who is there.
+const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(5);
 /// Documents whose stamps were too far ahead are retried after this long.
 const DEFERRED_RETRY: Duration = Duration::from_secs(5);
 
@@ -91,8 +93,52 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
 }
 
+/// What a one-shot sync did with one peer.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PeerSyncResult {
+    pub peer: String,
+    pub sent: u64,
+    pub received: u64,
+    pub conflicts: u64,
+    pub error: Option<String>,
+}
+
+/// The summary of a one-shot sync.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SyncSummary {
+    pub sent: u64,
+    pub received: u64,
+    pub conflicts: u64,
+    /// Peers the sync failed with (see `peers` for why).
+    pub errors: u64,
+    pub duration_ms: u64,
+    pub peers: Vec<PeerSyncResult>,
+}
+
+/// How long a one-shot sync waits for its peers (to connect, send and take changes).
+const MANUAL_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A one-shot sync in progress: per peer, done once we pulled to the end of its feed and it
+/// pulled ours up to where it stood when the sync began.
+struct ManualSync {
+    time: chrono::DateTime<chrono::Utc>,
+    started: Instant,
+    targets: HashMap<PeerId, ManualTarget>,
+    reply: Option<oneshot::Sender<Result<SyncSummary, String>>>,
+}
+
+struct ManualTarget {
+    pull_done: bool,
+    push_done: bool,
+    /// Our last sequence number at the start: the peer has taken our changes once it pulled
+    /// up to here.
+    push_seq: u64,
+    result: PeerSyncResult,
+}
+
 enum Command {
     AddPeer(PeerConfig, oneshot::Sender<Result<PeerConfig, String>>),
+    Sync(Option<String>, oneshot::Sender<Result<SyncSummary, String>>),
     RemovePeer(String, oneshot::Sender<bool>),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     ListenAddrs(oneshot::Sender<Vec<String>>),
@@ -115,6 +161,13 @@ impl NetHandle {
         self.ask(|tx| Command::AddPeer(config, tx))
             .await
             .unwrap_or_else(|| Err("the network is shutting down".into()))
+    }
+
+    /// Sync now with one peer (or every peer), whatever their schedules; waits until done.
+    pub async fn sync_now(&self, peer: Option<String>) -> Result<SyncSummary, String> {
+        self.ask(|tx| Command::Sync(peer, tx))
+            .await
+            .unwrap_or_else(|| Err("the network loop stopped".into()))
     }
 
     pub async fn remove_peer(&self, peer_id: String) -> bool {
@@ -164,8 +217,14 @@ impl Net {
                         .with_max_concurrent_streams(64),
                 );
                 let mdns = if mdns_on {
+                    // Ask again every few seconds (libp2p's default is 5 minutes): a node
+                    // that missed the first answers, on a busy or lossy LAN, still finds its
+                    // peers promptly.
                     Some(mdns::tokio::Behaviour::new(
-                        mdns::Config::default(),
+                        mdns::Config {
+                            query_interval: MDNS_QUERY_INTERVAL,
+                            ..mdns::Config::default()
+                        },
                         peer_id,
                     )?)
                 } else {
@@ -226,6 +285,7 @@ impl Net {
             listen_addrs: Vec::new(),
             discovered: HashMap::new(),
             join_key: join_key.map(|k| blake3::derive_key(JOIN_CONTEXT, k.as_bytes())),
+            manual: Vec::new(),
         };
         // Dial every known peer at start-up.
         let now = Instant::now();
@@ -267,6 +327,13 @@ struct PeerState {
     /// Bumped whenever `cursor` is reset; replies to older pulls are discarded.
     epoch: u64,
     recon: Option<Recon>,
+    /// A scheduled or one-shot run is under way (peers not on `continuous` sync only then).
+    run_active: bool,
+    /// When the next scheduled run is due (interval schedules).
+    next_run: Option<Instant>,
+    /// The session pulling this peer's changes, and the one serving it ours.
+    pulling: Option<Session>,
+    serving: Option<Session>,
     notify_in_flight: bool,
     notify_again: bool,
     /// When to dial or pull again (after a failure, or for deferred documents).
@@ -290,6 +357,10 @@ impl PeerState {
             cursor: None,
             epoch: 0,
             recon: None,
+            run_active: false,
+            next_run: None,
+            pulling: None,
+            serving: None,
             notify_in_flight: false,
             notify_again: false,
             retry_at: None,
@@ -323,6 +394,27 @@ struct PullPage {
     seqs: HashMap<Uuid, u64>,
     /// Documents a reconciliation found to differ (no checkpoint to move on their own).
     reconcile: bool,
+}
+
+/// A sync session with one peer in one direction, accumulated for the sync log.
+struct Session {
+    time: chrono::DateTime<chrono::Utc>,
+    started: Instant,
+    items: u64,
+    conflicts: u64,
+    trigger: &'static str,
+}
+
+impl Session {
+    fn new(trigger: &'static str) -> Session {
+        Session {
+            time: chrono::Utc::now(),
+            started: Instant::now(),
+            items: 0,
+            conflicts: 0,
+            trigger,
+        }
+    }
 }
 
 /// A reconciliation by range fingerprints in progress with one peer (see `reconcile`).
@@ -360,6 +452,8 @@ enum Work {
         bool,
     ),
     Compared(PeerId, u64, Result<reconcile::Outcome, wire::WireError>),
+    /// We served a pull: entries sent, whether more follow, the page's last sequence number.
+    Served(PeerId, u64, bool, u64),
 }
 
 struct EventLoop {
@@ -377,6 +471,7 @@ struct EventLoop {
     discovered: HashMap<PeerId, Vec<Multiaddr>>,
     /// Key derived from the deployment's join key: peers proving it are authorized.
     join_key: Option<[u8; 32]>,
+    manual: Vec<ManualSync>,
 }
 
 /// BLAKE3 key-derivation context for join keys (fixed forever: changing it splits deployments).
@@ -480,6 +575,7 @@ impl EventLoop {
                 };
                 let _ = reply.send(removed);
             }
+            Command::Sync(peer, reply) => self.start_manual_sync(peer, reply),
             Command::Peers(reply) => {
                 let mut out: Vec<PeerStatus> = self
                     .peers
@@ -540,6 +636,8 @@ impl EventLoop {
             .entry(peer)
             .or_insert_with(|| PeerState::new(config.clone()));
         state.config = config.clone();
+        // A new schedule starts counting from its last run.
+        state.next_run = None;
         if self.connected.contains(&peer) {
             self.start_pull(peer);
         } else if !config.addrs.is_empty() {
@@ -549,6 +647,10 @@ impl EventLoop {
     }
 
     fn on_tick(&mut self) {
+        if !self.manual.is_empty() {
+            self.finish_manual();
+        }
+        self.run_schedules();
         let now = Instant::now();
         let due: Vec<PeerId> = self
             .peers
@@ -575,6 +677,67 @@ impl EventLoop {
             s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
             s.last_error = Some(error.to_string());
         }
+        self.end_session_with_error(peer, error, false);
+    }
+
+    /// Close the peer's pull session (if one is open) as failed, in the log.
+    fn end_session_with_error(&mut self, peer: PeerId, error: &str, remote: bool) {
+        self.manual_error(peer, error);
+        self.finish_manual();
+        if let Some(sess) = self.peers.get_mut(&peer).and_then(|s| s.pulling.take()) {
+            self.log_session(peer, "received", sess, Some((error, remote)));
+        }
+    }
+
+    /// Write a finished session to the sync log (off the loop).
+    fn log_session(
+        &mut self,
+        peer: PeerId,
+        direction: &str,
+        sess: Session,
+        error: Option<(&str, bool)>,
+    ) {
+        let Some(s) = self.peers.get(&peer) else {
+            return;
+        };
+        let entry = crate::synclog::LogEntry {
+            id: 0,
+            time: sess
+                .time
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            peer: peer.to_string(),
+            peer_name: s.config.name.clone(),
+            tracker: None,
+            mode: s.config.mode.clone(),
+            direction: direction.to_string(),
+            trigger: sess.trigger.to_string(),
+            sent: if direction == "sent" { sess.items } else { 0 },
+            received: if direction == "received" {
+                sess.items
+            } else {
+                0
+            },
+            conflicts: sess.conflicts,
+            result: if error.is_some() { "error" } else { "ok" }.to_string(),
+            remote_error: error.is_some_and(|(_, remote)| remote),
+            message: match error {
+                Some((e, _)) => e.to_string(),
+                None if direction == "sent" => format!("{} items sent", sess.items),
+                None => format!("{} items received", sess.items),
+            },
+            duration_ms: sess.started.elapsed().as_millis() as u64,
+        };
+        self.write_log(entry);
+    }
+
+    fn write_log(&self, entry: crate::synclog::LogEntry) {
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&entry).expect("log entry serializes");
+            if let Err(e) = repo.store().append_log(&bytes) {
+                tracing::error!(error = %e, "cannot write the sync log");
+            }
+        });
     }
 
     fn notify_all(&mut self) {
@@ -582,7 +745,11 @@ impl EventLoop {
         let targets: Vec<PeerId> = self
             .connected
             .iter()
-            .filter(|p| self.peers.get(p).is_some_and(|s| s.config.pushes()))
+            .filter(|p| {
+                self.peers
+                    .get(p)
+                    .is_some_and(|s| s.config.pushes() && (s.config.continuous() || s.run_active))
+            })
             .copied()
             .collect();
         for peer in targets {
@@ -596,7 +763,7 @@ impl EventLoop {
             s.notify_in_flight = true;
             let req = pb::Request {
                 version: wire::VERSION,
-                body: Some(pb::request::Body::Notify(pb::Notify { seq })),
+                body: Some(pb::request::Body::Notify(pb::Notify { seq, run: false })),
             };
             let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
             self.outbound.insert(id, Outbound::Notify);
@@ -608,6 +775,11 @@ impl EventLoop {
             return;
         };
         if !s.config.pulls() {
+            return;
+        }
+        // Peers on a schedule (or `manual`) are pulled only during a run; news waits for it.
+        if !s.config.continuous() && !s.run_active {
+            s.pull_again = true;
             return;
         }
         // One request on the wire and at most one page waiting behind the one applying.
@@ -646,6 +818,12 @@ impl EventLoop {
         };
         s.pull_in_flight = true;
         s.pull_again = false;
+        let trigger = if s.config.continuous() {
+            "continuous"
+        } else {
+            "scheduled"
+        };
+        s.pulling.get_or_insert_with(|| Session::new(trigger));
         let epoch = s.epoch;
         let req = pb::Request {
             version: wire::VERSION,
@@ -660,6 +838,235 @@ impl EventLoop {
             .insert(id, Outbound::Pull(Instant::now(), epoch));
     }
 
+    fn start_manual_sync(
+        &mut self,
+        peer: Option<String>,
+        reply: oneshot::Sender<Result<SyncSummary, String>>,
+    ) {
+        let targets: Vec<PeerId> = match peer {
+            Some(p) => match p.parse::<PeerId>() {
+                Ok(id) if self.peers.contains_key(&id) => vec![id],
+                Ok(_) => {
+                    let _ = reply.send(Err(format!("no peer {p}: add it first")));
+                    return;
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(format!("{p:?} is not a PeerId")));
+                    return;
+                }
+            },
+            None => self.peers.keys().copied().collect(),
+        };
+        if targets.is_empty() {
+            let _ = reply.send(Err("no peers to sync with: add one first".into()));
+            return;
+        }
+        let push_seq = self.repo.store().last_seq();
+        let mut sync = ManualSync {
+            time: chrono::Utc::now(),
+            started: Instant::now(),
+            targets: HashMap::new(),
+            reply: Some(reply),
+        };
+        for peer in &targets {
+            let config = &self.peers[peer].config;
+            sync.targets.insert(
+                *peer,
+                ManualTarget {
+                    pull_done: !config.pulls(),
+                    push_done: !config.pushes(),
+                    push_seq,
+                    result: PeerSyncResult {
+                        peer: peer.to_string(),
+                        ..Default::default()
+                    },
+                },
+            );
+        }
+        self.manual.push(sync);
+        for peer in targets {
+            if self.connected.contains(&peer) {
+                self.manual_kick(peer);
+            } else if let Err(e) = self.swarm.dial(peer) {
+                self.manual_error(peer, &format!("cannot dial: {e}"));
+            }
+        }
+        self.finish_manual();
+    }
+
+    /// Start the runs of interval-scheduled peers that are due. A run missed while the node
+    /// was down runs once at start-up (its last run time is persisted), not once per interval.
+    fn run_schedules(&mut self) {
+        let now = Instant::now();
+        let wall_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let mut due = Vec::new();
+        for (peer, s) in self.peers.iter_mut() {
+            let Some(interval) = s.config.interval() else {
+                continue;
+            };
+            let next = *s.next_run.get_or_insert_with(|| {
+                let last = self
+                    .repo
+                    .store()
+                    .last_run(&peer.to_bytes())
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                let since = Duration::from_millis(wall_ms.saturating_sub(last));
+                now + interval.saturating_sub(since)
+            });
+            if now >= next {
+                s.next_run = Some(now + interval);
+                due.push(*peer);
+            }
+        }
+        for peer in due {
+            tracing::info!(%peer, "scheduled sync run");
+            let repo = self.repo.clone();
+            let key = peer.to_bytes();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = repo.store().set_last_run(&key, wall_ms) {
+                    tracing::error!(error = %e, "cannot record the scheduled run");
+                }
+            });
+            if let Some(s) = self.peers.get_mut(&peer) {
+                s.run_active = true;
+                s.pulling.get_or_insert_with(|| Session::new("scheduled"));
+            }
+            if self.connected.contains(&peer) {
+                self.start_pull(peer);
+                self.notify_all();
+            } else if let Err(e) = self.swarm.dial(peer) {
+                self.backoff(peer, &e.to_string());
+            }
+        }
+    }
+
+    /// Pull from the peer now, and ask it to pull from us.
+    fn manual_kick(&mut self, peer: PeerId) {
+        let wants = self
+            .manual
+            .iter()
+            .filter_map(|m| m.targets.get(&peer))
+            .fold((false, false), |(pull, push), t| {
+                (pull || !t.pull_done, push || !t.push_done)
+            });
+        if let Some(s) = self.peers.get_mut(&peer) {
+            s.run_active = true;
+            s.pulling.get_or_insert_with(|| Session::new("manual"));
+        }
+        if wants.0 {
+            if let Some(s) = self.peers.get_mut(&peer) {
+                s.retry_at = None;
+            }
+            self.start_pull(peer);
+        }
+        if wants.1 {
+            let req = pb::Request {
+                version: wire::VERSION,
+                body: Some(pb::request::Body::Notify(pb::Notify {
+                    seq: self.repo.store().last_seq(),
+                    run: true,
+                })),
+            };
+            let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+            self.outbound.insert(id, Outbound::Notify);
+            if let Some(s) = self.peers.get_mut(&peer) {
+                s.notify_in_flight = true;
+            }
+        }
+    }
+
+    fn manual_error(&mut self, peer: PeerId, error: &str) {
+        for m in &mut self.manual {
+            if let Some(t) = m.targets.get_mut(&peer) {
+                if !(t.pull_done && t.push_done) {
+                    t.result.error.get_or_insert_with(|| error.to_string());
+                    t.pull_done = true;
+                    t.push_done = true;
+                }
+            }
+        }
+    }
+
+    /// Answer and log the one-shot syncs whose peers are all done (or past the deadline).
+    fn finish_manual(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.manual.len() {
+            let m = &mut self.manual[i];
+            if now >= m.started + MANUAL_SYNC_TIMEOUT {
+                for t in m.targets.values_mut() {
+                    if !(t.pull_done && t.push_done) {
+                        t.result.error.get_or_insert_with(|| {
+                            format!(
+                                "not finished after {} s: the peer is unreachable or did not take our changes",
+                                MANUAL_SYNC_TIMEOUT.as_secs()
+                            )
+                        });
+                        t.pull_done = true;
+                        t.push_done = true;
+                    }
+                }
+            }
+            if !m.targets.values().all(|t| t.pull_done && t.push_done) {
+                i += 1;
+                continue;
+            }
+            let m = self.manual.swap_remove(i);
+            // The run ends with the one-shot sync, unless another one still needs the peer.
+            for peer in m.targets.keys() {
+                let busy = self.manual.iter().any(|o| o.targets.contains_key(peer));
+                if let Some(s) = self.peers.get_mut(peer) {
+                    if !busy {
+                        s.run_active = false;
+                    }
+                }
+            }
+            let mut summary = SyncSummary {
+                duration_ms: m.started.elapsed().as_millis() as u64,
+                ..Default::default()
+            };
+            let mut results: Vec<(PeerId, PeerSyncResult)> =
+                m.targets.into_iter().map(|(p, t)| (p, t.result)).collect();
+            results.sort_by(|a, b| a.1.peer.cmp(&b.1.peer));
+            for (peer, r) in results {
+                summary.sent += r.sent;
+                summary.received += r.received;
+                summary.conflicts += r.conflicts;
+                summary.errors += r.error.is_some() as u64;
+                if let Some(s) = self.peers.get(&peer) {
+                    self.write_log(crate::synclog::LogEntry {
+                        id: 0,
+                        time: m.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        peer: r.peer.clone(),
+                        peer_name: s.config.name.clone(),
+                        tracker: None,
+                        mode: s.config.mode.clone(),
+                        direction: "both".into(),
+                        trigger: "manual".into(),
+                        sent: r.sent,
+                        received: r.received,
+                        conflicts: r.conflicts,
+                        result: if r.error.is_some() { "error" } else { "ok" }.into(),
+                        remote_error: r
+                            .error
+                            .as_ref()
+                            .is_some_and(|e| e.starts_with("refused by peer")),
+                        message: r.error.clone().unwrap_or_else(|| {
+                            format!("{} items sent, {} received", r.sent, r.received)
+                        }),
+                        duration_ms: summary.duration_ms,
+                    });
+                }
+                summary.peers.push(r);
+            }
+            if let Some(reply) = m.reply {
+                let _ = reply.send(Ok(summary));
+            }
+        }
+    }
+
     /// Ask the peer for summaries of the next pending ranges.
     fn send_reconcile(&mut self, peer: PeerId) {
         let Some(s) = self.peers.get_mut(&peer) else {
@@ -671,6 +1078,7 @@ impl EventLoop {
         let n = recon.pending.len().min(reconcile::MAX_RANGES);
         let ranges = recon.pending.drain(..n).map(|r| r.to_wire()).collect();
         s.pull_in_flight = true;
+        s.pulling.get_or_insert_with(|| Session::new("reconcile"));
         let epoch = s.epoch;
         let req = pb::Request {
             version: wire::VERSION,
@@ -779,6 +1187,9 @@ impl EventLoop {
                     }
                 }
                 self.start_pull(peer_id);
+                if self.manual.iter().any(|m| m.targets.contains_key(&peer_id)) {
+                    self.manual_kick(peer_id);
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -952,6 +1363,7 @@ impl EventLoop {
     /// A misbehaving peer: log once, disconnect, forget its in-flight state.
     fn drop_peer(&mut self, peer: PeerId, why: &str) {
         tracing::warn!(%peer, reason = why, "disconnecting misbehaving peer");
+        self.end_session_with_error(peer, why, true);
         if let Some(s) = self.peers.get_mut(&peer) {
             s.last_error = Some(why.to_string());
             s.reset_pull();
@@ -991,7 +1403,14 @@ impl EventLoop {
         }
         let serves = state.config.pushes();
         match request.body {
-            Some(pb::request::Body::Notify(_)) => {
+            Some(pb::request::Body::Notify(notify)) => {
+                // A peer running a one-shot sync asks us to take its changes now.
+                if notify.run {
+                    if let Some(s) = self.peers.get_mut(&peer) {
+                        s.run_active = true;
+                        s.pulling.get_or_insert_with(|| Session::new("peer"));
+                    }
+                }
                 let ack = pb::Response {
                     version: wire::VERSION,
                     body: Some(pb::response::Body::Ack(pb::Ack {})),
@@ -1015,6 +1434,12 @@ impl EventLoop {
                 tokio::task::spawn_blocking(move || {
                     let response = match repo.feed(since, max, wire::PULL_MAX_BYTES, requester) {
                         Ok((docs, last_seq, more)) => {
+                            let _ = work.blocking_send(Work::Served(
+                                peer,
+                                docs.len() as u64,
+                                more,
+                                last_seq,
+                            ));
                             if !docs.is_empty() {
                                 tracing::info!(
                                     %peer,
@@ -1299,6 +1724,7 @@ impl EventLoop {
             }
             (out, Some(pb::response::Body::Refused(r))) => {
                 tracing::warn!(%peer, reason = %r.reason, "peer refused our request");
+                self.end_session_with_error(peer, &format!("refused by peer: {}", r.reason), true);
                 if let Some(s) = self.peers.get_mut(&peer) {
                     match out {
                         Outbound::Pull(_, epoch) | Outbound::Reconcile(epoch)
@@ -1354,6 +1780,29 @@ impl EventLoop {
 
     fn on_work(&mut self, work: Work) {
         match work {
+            Work::Served(peer, items, more, last_seq) => {
+                for m in &mut self.manual {
+                    if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.push_done) {
+                        t.result.sent += items;
+                        if !more && last_seq >= t.push_seq {
+                            t.push_done = true;
+                        }
+                    }
+                }
+                self.finish_manual();
+                let Some(s) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let sess = s.serving.get_or_insert_with(|| Session::new("peer"));
+                sess.items += items;
+                if !more {
+                    if let Some(sess) = s.serving.take() {
+                        if sess.items > 0 {
+                            self.log_session(peer, "sent", sess, None);
+                        }
+                    }
+                }
+            }
             Work::Compared(peer, epoch, outcome) => {
                 let Some(s) = self.peers.get_mut(&peer) else {
                     return;
@@ -1403,12 +1852,17 @@ impl EventLoop {
                 };
                 let mut fetch = Vec::new();
                 let mut merged = 0;
+                let mut conflicts = 0;
                 for (id, seq, outcome) in results {
                     let block = |page: &mut PullPage| {
                         page.blocked_from = Some(page.blocked_from.map_or(seq, |b| b.min(seq)))
                     };
                     match outcome {
                         Applied::Merged => merged += 1,
+                        Applied::MergedWithConflict => {
+                            merged += 1;
+                            conflicts += 1;
+                        }
                         Applied::Unchanged => {}
                         Applied::Incomplete { have } if !after_fetch => fetch.push(pb::Have {
                             id: id.as_bytes().to_vec(),
@@ -1434,6 +1888,16 @@ impl EventLoop {
                     }
                 }
                 tracing::debug!(%peer, received = page.received, merged, "applied page");
+                if let Some(sess) = self.peers.get_mut(&peer).and_then(|s| s.pulling.as_mut()) {
+                    sess.items += merged;
+                    sess.conflicts += conflicts;
+                }
+                for m in &mut self.manual {
+                    if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.pull_done) {
+                        t.result.received += merged;
+                        t.result.conflicts += conflicts;
+                    }
+                }
                 if !fetch.is_empty() {
                     let req = pb::Request {
                         version: wire::VERSION,
@@ -1513,6 +1977,27 @@ impl EventLoop {
             self.start_pull(peer);
         } else if !s.pull_in_flight {
             s.last_sync = Some(chrono::Utc::now());
+            if let Some(sess) = s.pulling.take() {
+                // A one-shot sync logs its own entry, with both directions.
+                if sess.items > 0 && sess.trigger != "manual" {
+                    self.log_session(peer, "received", sess, None);
+                }
+            }
+            for m in &mut self.manual {
+                if let Some(t) = m.targets.get_mut(&peer) {
+                    t.pull_done = true;
+                }
+            }
+            self.finish_manual();
+            let pending = self
+                .manual
+                .iter()
+                .any(|m| m.targets.get(&peer).is_some_and(|t| !t.push_done));
+            if let Some(s) = self.peers.get_mut(&peer) {
+                if !pending {
+                    s.run_active = false;
+                }
+            }
         }
     }
 }

@@ -57,13 +57,29 @@ impl PeerConfig {
         self.mode == "both" || self.mode == "push"
     }
 
+    /// The interval of an interval schedule (`15m`, `2h`); `None` for `continuous`/`manual`.
+    pub fn interval(&self) -> Option<std::time::Duration> {
+        let (n, unit) = self.schedule.split_at(self.schedule.len().checked_sub(1)?);
+        let n: u64 = n.parse().ok().filter(|n| *n >= 1)?;
+        match unit {
+            "m" => Some(std::time::Duration::from_secs(n.checked_mul(60)?)),
+            "h" => Some(std::time::Duration::from_secs(n.checked_mul(3600)?)),
+            _ => None,
+        }
+    }
+
+    /// Whether changes move as they happen (otherwise only on schedule or on request).
+    pub fn continuous(&self) -> bool {
+        self.schedule == "continuous"
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !matches!(self.mode.as_str(), "both" | "pull" | "push") {
             return Err(format!("mode {:?}: use both, pull or push", self.mode));
         }
-        if self.schedule != "continuous" {
+        if !matches!(self.schedule.as_str(), "continuous" | "manual") && self.interval().is_none() {
             return Err(format!(
-                "schedule {:?}: only continuous is available in this version",
+                "schedule {:?}: use continuous, manual or an interval such as 15m or 2h",
                 self.schedule
             ));
         }
@@ -71,5 +87,32 @@ impl PeerConfig {
             return Err("per-peer tracker sharing is not available in this version".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_parse_or_are_refused() {
+        let with = |s: &str| PeerConfig {
+            schedule: s.into(),
+            ..PeerConfig::new("p".into())
+        };
+        assert_eq!(
+            with("15m").interval(),
+            Some(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(
+            with("2h").interval(),
+            Some(std::time::Duration::from_secs(7200))
+        );
+        for ok in ["continuous", "manual", "1m", "24h"] {
+            assert!(with(ok).validate().is_ok(), "{ok}");
+        }
+        for bad in ["", "0m", "15", "m", "15s", "-3m", "1.5h", "hourly"] {
+            assert!(with(bad).validate().is_err(), "{bad}");
+        }
     }
 }

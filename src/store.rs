@@ -53,6 +53,13 @@ const P_ITEM_INDEX: u8 = b'I';
 const P_DISPLAY: u8 = b'D';
 const P_CHECKPOINT: u8 = b'K';
 const P_PEER: u8 = b'P';
+/// Sync log entries (JSON) by a counter; the oldest are dropped past `LOG_MAX_ENTRIES`.
+const P_LOG: u8 = b'L';
+/// When a peer's scheduled sync last ran (ms since the epoch), by peer.
+const P_LAST_RUN: u8 = b'R';
+
+/// Sync log entries kept (the log rotates).
+pub const LOG_MAX_ENTRIES: u64 = 10_000;
 
 /// This store's incarnation: random, made when the store is created. Peers key their
 /// checkpoints on it, so a wiped or restored store makes them start over (CouchDB's
@@ -297,6 +304,8 @@ pub struct Store {
     /// Writes between [`Store::begin_write`] and the end of their durability wait.
     writers: AtomicUsize,
     display_next: AtomicU64,
+    /// Next sync log entry number.
+    log_next: AtomicU64,
     flushes: AtomicU64,
     /// Document digests by id, for set reconciliation; built on first use, then kept current
     /// by every commit.
@@ -356,6 +365,16 @@ impl Store {
                 inc
             }
         };
+        let log_next = match db.scan_prefix([P_LOG]).next_back() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                u64::from_be_bytes(k[1..].try_into().map_err(|_| StoreError::Corrupt {
+                    key: "L".into(),
+                    what: "log key is not 8 bytes",
+                })?) + 1
+            }
+            None => 1,
+        };
         Ok(Store {
             db,
             incarnation,
@@ -370,6 +389,7 @@ impl Store {
             applied_cv: Condvar::new(),
             writers: AtomicUsize::new(0),
             display_next: AtomicU64::new(display_next),
+            log_next: AtomicU64::new(log_next),
             flushes: AtomicU64::new(0),
             digests: Mutex::new(None),
         })
@@ -778,6 +798,57 @@ impl Store {
         Ok(existed)
     }
 
+    /// Append a sync log entry (JSON); returns its number. The oldest entry past
+    /// [`LOG_MAX_ENTRIES`] is dropped. Not flushed on its own: it becomes durable with the
+    /// next flush (a log entry is not an acknowledged write).
+    pub fn append_log(&self, entry: &[u8]) -> Result<u64> {
+        let n = self.log_next.fetch_add(1, Ordering::SeqCst);
+        let mut batch = sled::Batch::default();
+        batch.insert(key(P_LOG, &[&n.to_be_bytes()]), entry);
+        if n > LOG_MAX_ENTRIES {
+            batch.remove(key(P_LOG, &[&(n - LOG_MAX_ENTRIES).to_be_bytes()]));
+        }
+        self.db.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// Sync log entries, newest first: (number, JSON), at most `limit` that `keep` accepts.
+    pub fn log_entries(
+        &self,
+        limit: usize,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([P_LOG]).rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let n = u64::from_be_bytes(k[1..].try_into().map_err(|_| StoreError::Corrupt {
+                key: "L".into(),
+                what: "log key is not 8 bytes",
+            })?);
+            if keep(&v) {
+                out.push((n, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// When a peer's scheduled sync last ran (ms since the epoch).
+    pub fn last_run(&self, peer: &[u8]) -> Result<Option<u64>> {
+        Ok(self
+            .db
+            .get(key(P_LAST_RUN, &[peer]))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    pub fn set_last_run(&self, peer: &[u8], ms: u64) -> Result<()> {
+        self.db
+            .insert(key(P_LAST_RUN, &[peer]), &ms.to_be_bytes())?;
+        Ok(())
+    }
+
     /// Forget our checkpoint on a peer's feed (the peer was removed: meeting it again is a
     /// first contact, reconciled by summaries).
     pub fn remove_checkpoint(&self, peer: &[u8]) -> Result<()> {
@@ -975,6 +1046,35 @@ mod tests {
         assert_eq!(data(3), b"c3");
         let d = store.load_doc(id).expect("load").expect("exists");
         assert_eq!(d.chunk_seqs, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn the_sync_log_rotates_and_reads_newest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for n in 0..LOG_MAX_ENTRIES + 5 {
+                store.append_log(n.to_string().as_bytes()).expect("append");
+            }
+            store.flush().expect("flush");
+        }
+        // Numbering continues after a reopen; the oldest entries are gone.
+        let store = Store::open(dir.path()).expect("reopen");
+        let n = store.append_log(b"last").expect("append");
+        assert_eq!(n, LOG_MAX_ENTRIES + 6);
+        let all = store.log_entries(usize::MAX, |_| true).expect("read");
+        assert_eq!(all.len() as u64, LOG_MAX_ENTRIES);
+        assert_eq!(all[0], (n, b"last".to_vec()));
+        assert_eq!(all[1].1, (LOG_MAX_ENTRIES + 4).to_string().into_bytes());
+        assert!(all.windows(2).all(|w| w[0].0 > w[1].0));
+        let even = store
+            .log_entries(3, |v| {
+                v.last().is_some_and(|b| b.is_ascii_digit() && b % 2 == 0)
+            })
+            .expect("filter");
+        let numbers: Vec<u64> = even.iter().map(|(n, _)| *n).collect();
+        // Entry k holds the number k - 1.
+        assert_eq!(numbers, vec![n - 1, n - 3, n - 5]);
     }
 
     #[test]

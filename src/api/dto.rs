@@ -193,3 +193,22 @@ pub struct Status {
     pub clock: String,
     pub version: &'static str,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    /// Only this peer's sessions (its PeerId).
+    pub peer: Option<String>,
+    /// Only sessions started at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// At most this many entries (default 100, at most 10,000).
+    pub limit: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SyncIn {
+    /// One peer (its PeerId); default: every peer.
+    pub peer: Option<String>,
+    pub tracker: Option<String>,
+}

@@ -396,6 +396,95 @@ pub async fn remove_peer(
     Ok(Json(serde_json::json!({"removed": peer})))
 }
 
+/// One-shot sync with one peer or all, whatever their schedules: answers once done.
+pub async fn sync_now(
+    State(s): State<AppState>,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    // An empty body means "every peer".
+    let body: SyncIn = if body.iter().all(u8::is_ascii_whitespace) {
+        SyncIn::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("sync request: {e}")))?
+    };
+    if let Some(t) = &body.tracker {
+        // The change feed is per node, not per tracker: a sync moves every tracker the peer
+        // shares. Say so rather than pretend to limit it.
+        return Err(ApiError::bad_request(
+            "unsupported",
+            format!("syncing only tracker {t:?} is not available yet: a sync moves every tracker shared with the peer"),
+        ));
+    }
+    let Some(net) = &s.info.net else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "sync_unavailable",
+            "this node runs without networking: start it with `trackersync serve`",
+        ));
+    };
+    match net.sync_now(body.peer.clone()).await {
+        Ok(summary) => Ok(Json(summary)),
+        Err(e) if e.starts_with("no peer ") => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "peer_not_found", e))
+        }
+        Err(e) => Err(ApiError::bad_request("invalid_sync", e)),
+    }
+}
+
+/// The sync log, newest first.
+pub async fn sync_log(
+    State(s): State<AppState>,
+    QueryParams(q): QueryParams<LogQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit as u64 > crate::store::LOG_MAX_ENTRIES {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!(
+                "limit must be between 1 and {}",
+                crate::store::LOG_MAX_ENTRIES
+            ),
+        ));
+    }
+    let since = match &q.since {
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_since",
+                        format!("since {t:?} is not an RFC 3339 time: {e}"),
+                    )
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        None => None,
+    };
+    let peer = q.peer.clone();
+    let entries = s
+        .blocking(move |r| {
+            let rows = r.store().log_entries(limit, |v| {
+                let Ok(e) = serde_json::from_slice::<crate::synclog::LogEntry>(v) else {
+                    return false;
+                };
+                peer.as_ref().is_none_or(|p| &e.peer == p)
+                    && since.is_none_or(|t| {
+                        chrono::DateTime::parse_from_rfc3339(&e.time).is_ok_and(|et| et >= t)
+                    })
+            })?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(n, v)| {
+                    let mut e: crate::synclog::LogEntry = serde_json::from_slice(&v).ok()?;
+                    e.id = n;
+                    Some(e)
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    Ok(Json(entries))
+}
+
 pub async fn not_yet(req: axum::extract::Request) -> ApiError {
     ApiError::not_implemented(&format!("{} {}", req.method(), req.uri().path()))
 }

@@ -40,6 +40,9 @@ type Checked = (Uuid, bool, Option<String>, Option<Hlc>, Option<String>);
 pub enum Applied {
     /// Merged and durable.
     Merged,
+    /// Merged and durable, and the merge left a field with concurrent values it did not
+    /// have before (a conflict, resolved by the tracker's policy and listed for review).
+    MergedWithConflict,
     /// We already had it.
     Unchanged,
     /// The bytes did not carry everything (missing dependencies): fetch with our heads.
@@ -222,6 +225,7 @@ impl Repo {
             return Ok((Applied::Refused(format!("document {id}: {why}")), None));
         }
         let existing = self.ensure_loaded(id, guard)?.is_some();
+        let conflicts_before = guard.as_ref().map_or(0, |l| conflicted_keys(&l.doc));
         let before: Vec<[u8; 32]> = guard
             .as_ref()
             .and_then(|l| l.meta.as_ref())
@@ -360,8 +364,22 @@ impl Repo {
         };
         let loaded = guard.as_mut().expect("merged document is in its slot");
         let write = self.prepare_write(id, loaded, index);
-        Ok((Applied::Merged, Some((write, tracker))))
+        let conflicted = conflicted_keys(&loaded.doc) > conflicts_before;
+        let applied = if conflicted {
+            Applied::MergedWithConflict
+        } else {
+            Applied::Merged
+        };
+        Ok((applied, Some((write, tracker))))
     }
+}
+
+/// Keys of the root map holding concurrent values.
+fn conflicted_keys(doc: &AutoCommit) -> usize {
+    use automerge::ReadDoc;
+    doc.map_range(automerge::ROOT, ..)
+        .filter(|i| i.conflict)
+        .count()
 }
 
 #[cfg(test)]

@@ -346,11 +346,18 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             "method_not_allowed",
         ),
         (
-            Method::GET,
-            "/api/v1/log".into(),
-            None,
+            Method::POST,
+            "/api/v1/export".into(),
+            Some(json!({})),
             501,
             "not_implemented",
+        ),
+        (
+            Method::GET,
+            "/api/v1/log?limit=many".into(),
+            None,
+            400,
+            "invalid_query",
         ),
         (
             Method::POST,

@@ -8,5 +8,6 @@ mod cli;
 mod crash;
 mod faults;
 mod hostile;
+mod manage;
 mod mdns;
 mod sync;

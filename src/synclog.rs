@@ -1,0 +1,38 @@
+//! The sync log (Sahana's): one entry per sync session with a peer, newest first, bounded
+//! (the store drops the oldest past [`crate::store::LOG_MAX_ENTRIES`]). Entries never hold
+//! secrets: peer ids, names, counts and messages only.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Entry number (increasing); set when read back.
+    #[serde(default)]
+    pub id: u64,
+    /// When the session started (RFC 3339).
+    pub time: String,
+    pub peer: String,
+    #[serde(default)]
+    pub peer_name: Option<String>,
+    /// The tracker the session was limited to, if any.
+    #[serde(default)]
+    pub tracker: Option<String>,
+    /// The peer's configured mode (`both`, `pull`, `push`).
+    pub mode: String,
+    /// `received` (we pulled the peer's changes), `sent` (the peer pulled ours) or `both`
+    /// (a one-shot sync).
+    pub direction: String,
+    /// What started it: `continuous` (live sync), `scheduled`, `manual` (one-shot sync),
+    /// `reconcile` (first contact) or `peer` (the peer pulled our changes).
+    pub trigger: String,
+    pub sent: u64,
+    pub received: u64,
+    /// Items whose merge left concurrent values on a field (listed under `conflicts`).
+    pub conflicts: u64,
+    /// `ok` or `error`.
+    pub result: String,
+    /// Whether the error came from the peer (it refused or misbehaved) rather than from us.
+    pub remote_error: bool,
+    pub message: String,
+    pub duration_ms: u64,
+}

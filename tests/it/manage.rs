@@ -1,0 +1,156 @@
+//! Sync management (issue 4): schedules, one-shot sync and the sync log, on real nodes.
+
+use serde_json::json;
+
+use crate::support::{eventually, TestNode};
+
+/// Authorize `b` on `a` with a schedule.
+async fn add_with_schedule(a: &TestNode, b: &TestNode, schedule: &str) {
+    let (s, e) = a
+        .post(
+            "/api/v1/peers",
+            json!({"addr": b.p2p_addr().await, "schedule": schedule}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+}
+
+async fn new_item(n: &TestNode, name: &str) -> String {
+    let (s, item) = n
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": name}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{item}");
+    item["id"].as_str().expect("id").to_string()
+}
+
+/// Peers on a `manual` schedule exchange nothing on their own; `trackersync sync` moves
+/// everything both ways, reports what it did, exits 0, and the sync log records it on both
+/// nodes.
+#[tokio::test]
+async fn manual_peers_sync_only_on_request_and_the_log_records_it() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    let control = TestNode::start().await;
+    add_with_schedule(&a, &b, "manual").await;
+    add_with_schedule(&b, &a, "manual").await;
+    a.pair(&control).await;
+    a.cases_tracker().await;
+    let first = new_item(&a, "Amina").await;
+    // The control (continuous) has it; by then b would too, were it syncing on its own.
+    control.item_when(&first, |_| true).await;
+    assert_eq!(b.get(&format!("/api/v1/items/{first}")).await.0, 404);
+
+    let a_id = a.peer_id().await;
+    let out = b.cli(&["sync", &a_id, "--json"]).await;
+    assert!(out.ok, "{}\n{}", out.stdout, out.stderr);
+    let summary = out.json();
+    // The tracker and the item, applied before the command returned.
+    assert_eq!(summary["received"], 2, "{summary}");
+    assert_eq!(summary["errors"], 0, "{summary}");
+    assert_eq!(b.get(&format!("/api/v1/items/{first}")).await.0, 200);
+
+    // Changes made on b go to a with the next one-shot sync (from either side).
+    let from_b = new_item(&b, "Written on b").await;
+    let out = b.cli(&["sync", "--json"]).await;
+    assert!(out.ok, "{}\n{}", out.stdout, out.stderr);
+    // Sent: what a pulled from b during this sync (b's new item, unless a's pull from the
+    // first sync was still running and took it then).
+    assert_eq!(out.json()["errors"], 0, "{}", out.stdout);
+    a.item_when(&from_b, |_| true).await;
+
+    // The log, newest first: the one-shot sessions on b; the pull b made, on a.
+    let out = b.cli(&["log", "--json"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let log = out.json();
+    let manual: Vec<_> = log
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|e| e["trigger"] == "manual")
+        .collect();
+    assert_eq!(manual.len(), 2, "{log}");
+    assert_eq!(manual[1]["received"].as_u64(), Some(2), "{log}");
+    assert!(manual
+        .iter()
+        .all(|e| e["result"] == "ok" && e["peer"] == a_id.as_str()));
+    assert!(manual[0]["id"].as_u64() > manual[1]["id"].as_u64());
+    let b_id = b.peer_id().await;
+    let (s, a_log) = a.get(&format!("/api/v1/log?peer={b_id}")).await;
+    assert_eq!(s, 200);
+    assert!(
+        a_log
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|e| e["direction"] == "sent" && e["sent"].as_u64() >= Some(2)),
+        "{a_log}"
+    );
+    // The log never names the API token or keys.
+    let token = std::fs::read_to_string(a.dir.join("api-token")).expect("token");
+    assert!(!a_log.to_string().contains(token.trim()));
+}
+
+/// A one-shot sync with a peer nobody added fails clearly, from the CLI and the API; bad
+/// log queries are refused.
+#[tokio::test]
+async fn one_shot_sync_and_log_refuse_bad_requests() {
+    let a = TestNode::start().await;
+    let stranger = TestNode::start().await;
+    let id = stranger.peer_id().await;
+    let out = a.cli(&["sync", &id]).await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("add it first"), "{}", out.stderr);
+    let (s, e) = a
+        .post("/api/v1/sync", json!({"peer": "not-a-peer-id"}))
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("invalid_sync")),
+        "{e}"
+    );
+    let (s, e) = a.post("/api/v1/sync", json!({"peers": []})).await;
+    assert_eq!(s, 400, "{e}");
+    let (s, e) = a.post("/api/v1/sync", json!({})).await;
+    assert_eq!(s, 400, "no peers at all: {e}");
+    let (s, e) = a.get("/api/v1/log?since=yesterday").await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("invalid_since"))
+    );
+    let (s, _) = a.get("/api/v1/log?limit=0").await;
+    assert_eq!(s, 400);
+    let (s, _) = a.get("/api/v1/log?color=blue").await;
+    assert_eq!(s, 400);
+    let (s, log) = a.get("/api/v1/log").await;
+    assert_eq!((s, log), (200, json!([])));
+}
+
+/// An interval peer syncs at once when its run is due (a first run, or one missed while the
+/// node was down), then waits for the next run: later changes do not flow live.
+#[tokio::test]
+async fn interval_peers_run_when_due_and_not_live() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    let control = TestNode::start().await;
+    a.cases_tracker().await;
+    let early = new_item(&a, "Before pairing").await;
+    add_with_schedule(&a, &b, "30m").await;
+    add_with_schedule(&b, &a, "30m").await;
+    a.pair(&control).await;
+    // Never ran before: due now.
+    b.item_when(&early, |_| true).await;
+    let late = new_item(&a, "After the run").await;
+    control.item_when(&late, |_| true).await;
+    assert_eq!(b.get(&format!("/api/v1/items/{late}")).await.0, 404);
+    eventually("a scheduled run in b's log", || async {
+        let (_, log) = b.get("/api/v1/log").await;
+        log.as_array()?
+            .iter()
+            .any(|e| e["trigger"] == "scheduled" && e["received"].as_u64() >= Some(2))
+            .then_some(())
+    })
+    .await;
+}
