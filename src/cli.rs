@@ -93,6 +93,9 @@ pub enum PeerCmd {
         /// continuous (default), manual (only `trackersync sync`) or an interval: 15m, 2h.
         #[arg(long)]
         schedule: Option<String>,
+        /// Share only these trackers with the peer (comma-separated names); default: all.
+        #[arg(long, value_delimiter = ',')]
+        trackers: Option<Vec<String>>,
         /// Refuse this peer's changes; it may still pull ours.
         #[arg(long)]
         read_only: bool,
@@ -111,6 +114,9 @@ pub enum PeerCmd {
         /// continuous, manual or an interval: 15m, 2h.
         #[arg(long)]
         schedule: Option<String>,
+        /// Share only these trackers (comma-separated names), or `all`.
+        #[arg(long, value_delimiter = ',')]
+        trackers: Option<Vec<String>>,
         #[arg(long)]
         read_only: Option<bool>,
         #[arg(long)]
@@ -667,6 +673,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             name,
             mode,
             schedule,
+            trackers,
             read_only,
             json,
         } => {
@@ -683,6 +690,9 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             }
             if let Some(s) = schedule {
                 body["schedule"] = json!(s);
+            }
+            if let Some(t) = trackers {
+                body["trackers"] = json!(t);
             }
             body["read_only"] = json!(read_only);
             let p = c.request(Method::POST, "/peers", Some(body)).await?;
@@ -723,6 +733,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             name,
             mode,
             schedule,
+            trackers,
             read_only,
             json,
         } => {
@@ -735,6 +746,11 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             }
             if let Some(s) = schedule {
                 body["schedule"] = json!(s);
+            }
+            match trackers {
+                Some(t) if t == ["all"] => body["trackers"] = Json::Null,
+                Some(t) => body["trackers"] = json!(t),
+                None => {}
             }
             if let Some(r) = read_only {
                 body["read_only"] = json!(r);

@@ -547,6 +547,49 @@ impl EventLoop {
         tracing::info!("network stopped");
     }
 
+    /// The trackers shared with a peer (its share policy, names or ids resolved against the
+    /// trackers we know now); `None` when it shares every tracker.
+    fn shared(&self, peer: &PeerId) -> Option<std::collections::HashSet<Uuid>> {
+        let names = self.peers.get(peer)?.config.trackers.as_ref()?;
+        let trackers = self.repo.trackers();
+        Some(
+            names
+                .iter()
+                .filter_map(|n| {
+                    trackers
+                        .iter()
+                        .find(|t| &t.name == n || t.id.to_string() == *n)
+                        .map(|t| t.id)
+                })
+                .collect(),
+        )
+    }
+
+    /// The store incarnation we present to a peer: with a share policy, it changes whenever
+    /// the policy does, so the peer's checkpoint lapses and it pulls again from the start
+    /// (back-filling a tracker that became shared).
+    fn served_incarnation(&self, peer: &PeerId) -> Uuid {
+        let ours = self.repo.store().incarnation();
+        match self
+            .peers
+            .get(peer)
+            .and_then(|s| s.config.trackers.as_ref())
+        {
+            None => ours,
+            Some(list) => {
+                let mut list = list.clone();
+                list.sort();
+                let mut h = blake3::Hasher::new();
+                h.update(ours.as_bytes());
+                for t in &list {
+                    h.update(&(t.len() as u64).to_be_bytes());
+                    h.update(t.as_bytes());
+                }
+                Uuid::from_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
+            }
+        }
+    }
+
     fn authorized(&self, peer: &PeerId) -> bool {
         self.peers.contains_key(peer)
     }
@@ -635,10 +678,34 @@ impl EventLoop {
             .peers
             .entry(peer)
             .or_insert_with(|| PeerState::new(config.clone()));
+        let policy_changed = state.config.trackers != config.trackers;
+        if policy_changed {
+            // We may have passed over documents of a tracker that is shared now: forget our
+            // checkpoint, so the next pull reconciles and back-fills it. (The peer's own
+            // checkpoint on us lapses too: see `served_incarnation`.)
+            if let Err(e) = self.repo.store().remove_checkpoint(&peer.to_bytes()) {
+                tracing::error!(error = %e, "cannot reset the peer's checkpoint");
+            }
+            state.checkpoint = None;
+            state.reset_pull();
+            state.cursor = None;
+        }
         state.config = config.clone();
         // A new schedule starts counting from its last run.
         state.next_run = None;
         if self.connected.contains(&peer) {
+            if policy_changed {
+                // Its checkpoint on us lapsed with the policy: have it pull now.
+                let req = pb::Request {
+                    version: wire::VERSION,
+                    body: Some(pb::request::Body::Notify(pb::Notify {
+                        seq: self.repo.store().last_seq(),
+                        run: false,
+                    })),
+                };
+                let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+                self.outbound.insert(id, Outbound::Notify);
+            }
             self.start_pull(peer);
         } else if !config.addrs.is_empty() {
             state.retry_at = Some(Instant::now());
@@ -1421,7 +1488,8 @@ impl EventLoop {
             Some(pb::request::Body::Pull(pull)) if serves => {
                 let repo = self.repo.clone();
                 let work = self.work_tx.clone();
-                let ours = repo.store().incarnation();
+                let ours = self.served_incarnation(&peer);
+                let shared = self.shared(&peer);
                 // A checkpoint from another incarnation of our store means nothing: start over.
                 let since = if pull.incarnation == ours.as_bytes() {
                     pull.since
@@ -1432,7 +1500,13 @@ impl EventLoop {
                 let node = repo.node();
                 let requester = crate::store::peer_tag(&peer.to_bytes());
                 tokio::task::spawn_blocking(move || {
-                    let response = match repo.feed(since, max, wire::PULL_MAX_BYTES, requester) {
+                    let response = match repo.feed_shared(
+                        since,
+                        max,
+                        wire::PULL_MAX_BYTES,
+                        requester,
+                        shared.as_ref(),
+                    ) {
                         Ok((docs, last_seq, more)) => {
                             let _ = work.blocking_send(Work::Served(
                                 peer,
@@ -1492,6 +1566,7 @@ impl EventLoop {
                 };
                 let repo = self.repo.clone();
                 let work = self.work_tx.clone();
+                let incarnation = self.served_incarnation(&peer);
                 tokio::task::spawn_blocking(move || {
                     let store = repo.store();
                     // Read before summarizing: anything changed later is in the feed after it.
@@ -1500,7 +1575,7 @@ impl EventLoop {
                         Ok(summaries) => pb::Response {
                             version: wire::VERSION,
                             body: Some(pb::response::Body::Reconcile(pb::ReconcileReply {
-                                incarnation: store.incarnation().as_bytes().to_vec(),
+                                incarnation: incarnation.as_bytes().to_vec(),
                                 last_seq,
                                 ranges: summaries,
                             })),
@@ -1530,12 +1605,18 @@ impl EventLoop {
                     }
                 }
                 let repo = self.repo.clone();
+                let shared = self.shared(&peer);
                 let work = self.work_tx.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut docs = Vec::new();
                     for (id, have) in wanted {
                         match repo.fetch(id, &have) {
-                            Ok(Some(d)) => docs.push(wire::doc_to_wire(d)),
+                            Ok(Some(d))
+                                if shared.as_ref().is_none_or(|t| t.contains(&d.tracker)) =>
+                            {
+                                docs.push(wire::doc_to_wire(d))
+                            }
+                            Ok(Some(_)) => {}
                             Ok(None) => {}
                             Err(e) => tracing::error!(doc = %id, error = %e, "cannot serve fetch"),
                         }
@@ -1749,6 +1830,10 @@ impl EventLoop {
     fn apply(&mut self, peer: PeerId, page: PullPage, docs: Vec<RemoteDoc>, after_fetch: bool) {
         let repo = self.repo.clone();
         let work = self.work_tx.clone();
+        let policy = self
+            .peers
+            .get(&peer)
+            .and_then(|s| s.config.trackers.clone());
         tokio::task::spawn_blocking(move || {
             let from = crate::store::peer_tag(&peer.to_bytes());
             // Schemas first, so no item becomes visible before its tracker; then the items,
@@ -1760,6 +1845,17 @@ impl EventLoop {
                 let mut out = repo
                     .apply_remote(trackers, from)
                     .map_err(|e| e.to_string())?;
+                // A share policy: items of other trackers are not taken (schemas always are:
+                // they carry no records, and a policy names trackers we may not hold yet).
+                if let Some(names) = &policy {
+                    let shared: std::collections::HashSet<Uuid> = repo
+                        .trackers()
+                        .into_iter()
+                        .filter(|t| names.iter().any(|n| *n == t.name || *n == t.id.to_string()))
+                        .map(|t| t.id)
+                        .collect();
+                    items.retain(|d| shared.contains(&d.tracker));
+                }
                 let half = items.split_off(items.len() / 2);
                 let (first, second) = std::thread::scope(|s| {
                     let h = s.spawn(|| repo.apply_remote(half, from));

@@ -83,8 +83,15 @@ impl PeerConfig {
                 self.schedule
             ));
         }
-        if self.trackers.is_some() {
-            return Err("per-peer tracker sharing is not available in this version".into());
+        if let Some(list) = &self.trackers {
+            if list.len() > 1000 {
+                return Err("a share policy names at most 1000 trackers".into());
+            }
+            if let Some(bad) = list.iter().find(|t| t.is_empty() || t.len() > 200) {
+                return Err(format!(
+                    "tracker {bad:?} in the share policy: use a tracker's name or id"
+                ));
+            }
         }
         Ok(())
     }

@@ -688,6 +688,19 @@ impl Store {
         max_bytes: usize,
         skip_source: u64,
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
+        self.feed_since_shared(since, max_entries, max_bytes, skip_source, None)
+    }
+
+    /// [`Store::feed_since`], leaving out documents of trackers not in `shared` (when given):
+    /// a peer's share policy.
+    pub fn feed_since_shared(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        skip_source: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+    ) -> Result<(Vec<FeedEntry>, u64, bool)> {
         let start = key(P_SEQ, &[&since.saturating_add(1).to_be_bytes()]);
         let end = key(P_SEQ, &[&u64::MAX.to_be_bytes()]);
         let mut out = Vec::new();
@@ -704,9 +717,16 @@ impl Store {
             })?);
             let id = uuid_at(&v, 0)?;
             last = seq;
-            // Check the source before reading the document's bytes.
-            if skip_source != 0 && self.doc_meta(id)?.is_some_and(|m| m.source == skip_source) {
-                continue;
+            // Check the source and the share policy before reading the document's bytes.
+            if skip_source != 0 || shared.is_some() {
+                let Some(m) = self.doc_meta(id)? else {
+                    continue;
+                };
+                if (skip_source != 0 && m.source == skip_source)
+                    || shared.is_some_and(|t| !t.contains(&m.tracker))
+                {
+                    continue;
+                }
             }
             let Some(doc) = self.load_doc(id)? else {
                 continue;

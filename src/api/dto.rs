@@ -179,7 +179,18 @@ pub struct PeerIn {
     pub mode: Option<String>,
     pub schedule: Option<String>,
     pub read_only: Option<bool>,
-    pub trackers: Option<Vec<String>>,
+    /// Absent: unchanged (all, on creation); `null`: every tracker; a list: only those.
+    #[serde(default, deserialize_with = "present")]
+    pub trackers: Option<Option<Vec<String>>>,
+}
+
+/// A field that may be absent (`None`), `null` (`Some(None)`) or a value.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 #[derive(Serialize)]

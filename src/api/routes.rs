@@ -326,7 +326,7 @@ pub async fn add_peer(
         config.schedule = sch;
     }
     config.read_only = body.read_only.unwrap_or(false);
-    config.trackers = body.trackers;
+    config.trackers = body.trackers.flatten();
     let saved = save_peer(&s, config).await?;
     Ok((StatusCode::CREATED, Json(saved)))
 }
@@ -369,8 +369,8 @@ pub async fn update_peer(
     if let Some(ro) = body.read_only {
         config.read_only = ro;
     }
-    if body.trackers.is_some() {
-        config.trackers = body.trackers;
+    if let Some(t) = body.trackers {
+        config.trackers = t;
     }
     Ok(Json(save_peer(&s, config).await?))
 }

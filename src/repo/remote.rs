@@ -65,9 +65,21 @@ impl Repo {
         max_bytes: usize,
         requester: u64,
     ) -> Result<(Vec<RemoteDoc>, u64, bool)> {
+        self.feed_shared(since, max_entries, max_bytes, requester, None)
+    }
+
+    /// [`Repo::feed`] limited to the trackers in `shared` (a peer's share policy), if given.
+    pub fn feed_shared(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        requester: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+    ) -> Result<(Vec<RemoteDoc>, u64, bool)> {
         let (entries, last, more) =
             self.store
-                .feed_since(since, max_entries, max_bytes, requester)?;
+                .feed_since_shared(since, max_entries, max_bytes, requester, shared)?;
         let docs = entries
             .into_iter()
             .map(|e| RemoteDoc {

@@ -154,3 +154,86 @@ async fn interval_peers_run_when_due_and_not_live() {
     })
     .await;
 }
+
+/// A share policy: only the named trackers are sent to the peer or taken from it; the rest
+/// never reach it (checked against a control node that gets everything). Widening the
+/// policy back-fills the tracker on the next sync.
+#[tokio::test]
+async fn a_share_policy_limits_what_moves_and_widening_it_back_fills() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    let control = TestNode::start().await;
+    a.cases_tracker().await;
+    let (s, e) = a
+        .post(
+            "/api/v1/trackers",
+            json!({"name": "secret", "fields": [{"name": "name", "type": "text"}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, secret) = a
+        .post(
+            "/api/v1/trackers/secret/items",
+            json!({"fields": {"name": "Hidden"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{secret}");
+    let secret = secret["id"].as_str().expect("id").to_string();
+    let case = new_item(&a, "Shared case").await;
+
+    let (s, e) = a
+        .post(
+            "/api/v1/peers",
+            json!({"addr": b.p2p_addr().await, "trackers": ["cases"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    assert_eq!(e["trackers"], json!(["cases"]));
+    let (s, e) = b
+        .post("/api/v1/peers", json!({"addr": a.p2p_addr().await}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    a.pair(&control).await;
+    b.item_when(&case, |_| true).await;
+    control.item_when(&secret, |_| true).await;
+    assert_eq!(b.get(&format!("/api/v1/items/{secret}")).await.0, 404);
+    assert_eq!(b.get("/api/v1/trackers/secret").await.0, 404);
+
+    // b writes to a tracker a does not take from it, then to one it does.
+    let (s, e) = b
+        .post(
+            "/api/v1/trackers",
+            json!({"name": "notes", "fields": [{"name": "name", "type": "text"}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (_, note) = b
+        .post(
+            "/api/v1/trackers/notes/items",
+            json!({"fields": {"name": "b's own"}}),
+        )
+        .await;
+    let note = note["id"].as_str().expect("id").to_string();
+    let later_case = new_item(&b, "Case from b").await;
+    a.item_when(&later_case, |_| true).await;
+    assert_eq!(a.get(&format!("/api/v1/items/{note}")).await.0, 404);
+
+    // Widen the policy: the secret tracker back-fills.
+    let b_id = b.peer_id().await;
+    let (s, e) = a
+        .patch(
+            &format!("/api/v1/peers/{b_id}"),
+            json!({"trackers": ["cases", "secret"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
+    b.item_when(&secret, |i| i["fields"]["name"] == "Hidden")
+        .await;
+    assert_eq!(a.get(&format!("/api/v1/items/{note}")).await.0, 404);
+    // And `null` shares everything again, notes included.
+    let (s, e) = a
+        .patch(&format!("/api/v1/peers/{b_id}"), json!({"trackers": null}))
+        .await;
+    assert_eq!((s, &e["trackers"]), (200, &json!(null)), "{e}");
+    a.item_when(&note, |_| true).await;
+}
