@@ -96,6 +96,9 @@ pub enum PeerCmd {
         /// Share only these trackers with the peer (comma-separated names); default: all.
         #[arg(long, value_delimiter = ',')]
         trackers: Option<Vec<String>>,
+        /// What the peer's changes may do to our items: create,update,delete (default: all).
+        #[arg(long, value_delimiter = ',')]
+        allow: Option<Vec<String>>,
         /// Refuse this peer's changes; it may still pull ours.
         #[arg(long)]
         read_only: bool,
@@ -117,6 +120,9 @@ pub enum PeerCmd {
         /// Share only these trackers (comma-separated names), or `all`.
         #[arg(long, value_delimiter = ',')]
         trackers: Option<Vec<String>>,
+        /// What the peer's changes may do to our items: create,update,delete, or `all`.
+        #[arg(long, value_delimiter = ',')]
+        allow: Option<Vec<String>>,
         #[arg(long)]
         read_only: Option<bool>,
         #[arg(long)]
@@ -366,17 +372,26 @@ async fn client_command(c: &Client, cmd: Command) -> Result<()> {
                     }
                 );
                 for p in s["peers"].as_array().into_iter().flatten() {
+                    let name = p["name"]
+                        .as_str()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default();
                     println!(
-                        "peer     {} {}{}",
+                        "peer     {}{name} {}, {} {}, last received {}, last sent {}, {} waiting to be sent{}",
                         p["peer_id"].as_str().unwrap_or(""),
                         if p["connected"].as_bool() == Some(true) {
                             "connected"
                         } else {
                             "not connected"
                         },
+                        p["mode"].as_str().unwrap_or(""),
+                        p["schedule"].as_str().unwrap_or(""),
+                        p["last_sync"].as_str().unwrap_or("never"),
+                        p["last_sent"].as_str().unwrap_or("never"),
+                        p["waiting"],
                         p["last_error"]
                             .as_str()
-                            .map(|e| format!(" (last error: {e})"))
+                            .map(|e| format!(", last error: {e}"))
                             .unwrap_or_default()
                     );
                 }
@@ -674,6 +689,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             mode,
             schedule,
             trackers,
+            allow,
             read_only,
             json,
         } => {
@@ -693,6 +709,9 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             }
             if let Some(t) = trackers {
                 body["trackers"] = json!(t);
+            }
+            if let Some(a) = allow {
+                body["allow"] = json!(a);
             }
             body["read_only"] = json!(read_only);
             let p = c.request(Method::POST, "/peers", Some(body)).await?;
@@ -734,6 +753,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             mode,
             schedule,
             trackers,
+            allow,
             read_only,
             json,
         } => {
@@ -750,6 +770,11 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             match trackers {
                 Some(t) if t == ["all"] => body["trackers"] = Json::Null,
                 Some(t) => body["trackers"] = json!(t),
+                None => {}
+            }
+            match allow {
+                Some(a) if a == ["all"] => body["allow"] = Json::Null,
+                Some(a) => body["allow"] = json!(a),
                 None => {}
             }
             if let Some(r) = read_only {

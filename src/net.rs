@@ -66,6 +66,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a peer dropped for misbehaving waits before we dial it again.
 const MISBEHAVIOUR_PAUSE: Duration = Duration::from_secs(30);
+/// Peer status counts waiting changes up to this many.
+const WAITING_COUNT_MAX: u64 = 1_000_000;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(5);
 /// Documents whose stamps were too far ahead are retried after this long.
@@ -90,6 +92,11 @@ pub struct PeerStatus {
     /// When a pull from this peer last reached the end of its feed with everything applied
     /// (RFC 3339), since this node started.
     pub last_sync: Option<String>,
+    /// When the peer last pulled our feed to its end (RFC 3339), since this node started.
+    pub last_sent: Option<String>,
+    /// Our changes the peer has not pulled yet (documents changed after what we last served
+    /// it; every document, before it first pulls).
+    pub waiting: u64,
     pub last_error: Option<String>,
 }
 
@@ -100,6 +107,8 @@ pub struct PeerSyncResult {
     pub sent: u64,
     pub received: u64,
     pub conflicts: u64,
+    /// Changes of the peer we did not apply: it may not make them (allowed operations).
+    pub refused: u64,
     pub error: Option<String>,
 }
 
@@ -342,6 +351,9 @@ struct PeerState {
     /// Last checkpoint reached: every page up to it is applied and durable.
     checkpoint: Option<(Uuid, u64)>,
     last_sync: Option<chrono::DateTime<chrono::Utc>>,
+    /// Our feed as far as we served it to the peer, and when it last reached the end.
+    served_seq: u64,
+    last_sent: Option<chrono::DateTime<chrono::Utc>>,
     last_error: Option<String>,
 }
 
@@ -367,6 +379,8 @@ impl PeerState {
             backoff: BACKOFF_MIN,
             checkpoint: None,
             last_sync: None,
+            served_seq: 0,
+            last_sent: None,
             last_error: None,
         }
     }
@@ -402,6 +416,9 @@ struct Session {
     started: Instant,
     items: u64,
     conflicts: u64,
+    /// Changes not applied because the peer may not make them (allowed operations).
+    refused: u64,
+    refusal: Option<String>,
     trigger: &'static str,
 }
 
@@ -412,6 +429,8 @@ impl Session {
             started: Instant::now(),
             items: 0,
             conflicts: 0,
+            refused: 0,
+            refusal: None,
             trigger,
         }
     }
@@ -630,6 +649,14 @@ impl EventLoop {
                         last_sync: s
                             .last_sync
                             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                        last_sent: s
+                            .last_sent
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                        waiting: self
+                            .repo
+                            .store()
+                            .feed_count_since(s.served_seq, WAITING_COUNT_MAX)
+                            .unwrap_or(0),
                         last_error: s.last_error.clone(),
                     })
                     .collect();
@@ -785,12 +812,19 @@ impl EventLoop {
                 0
             },
             conflicts: sess.conflicts,
+            refused: sess.refused,
             result: if error.is_some() { "error" } else { "ok" }.to_string(),
             remote_error: error.is_some_and(|(_, remote)| remote),
             message: match error {
                 Some((e, _)) => e.to_string(),
                 None if direction == "sent" => format!("{} items sent", sess.items),
-                None => format!("{} items received", sess.items),
+                None => match &sess.refusal {
+                    Some(why) => format!(
+                        "{} items received; {} changes refused (last: {why})",
+                        sess.items, sess.refused
+                    ),
+                    None => format!("{} items received", sess.items),
+                },
             },
             duration_ms: sess.started.elapsed().as_millis() as u64,
         };
@@ -1115,6 +1149,7 @@ impl EventLoop {
                         sent: r.sent,
                         received: r.received,
                         conflicts: r.conflicts,
+                        refused: r.refused,
                         result: if r.error.is_some() { "error" } else { "ok" }.into(),
                         remote_error: r
                             .error
@@ -1834,6 +1869,10 @@ impl EventLoop {
             .peers
             .get(&peer)
             .and_then(|s| s.config.trackers.clone());
+        let ops = self
+            .peers
+            .get(&peer)
+            .map_or(crate::peer::Ops::ALL, |s| s.config.ops());
         tokio::task::spawn_blocking(move || {
             let from = crate::store::peer_tag(&peer.to_bytes());
             // Schemas first, so no item becomes visible before its tracker; then the items,
@@ -1858,8 +1897,8 @@ impl EventLoop {
                 }
                 let half = items.split_off(items.len() / 2);
                 let (first, second) = std::thread::scope(|s| {
-                    let h = s.spawn(|| repo.apply_remote(half, from));
-                    let first = repo.apply_remote(items, from);
+                    let h = s.spawn(|| repo.apply_remote_allowed(half, from, ops));
+                    let first = repo.apply_remote_allowed(items, from, ops);
                     (first, h.join())
                 });
                 out.extend(first.map_err(|e| e.to_string())?);
@@ -1877,6 +1916,12 @@ impl EventLoop {
     fn on_work(&mut self, work: Work) {
         match work {
             Work::Served(peer, items, more, last_seq) => {
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    s.served_seq = s.served_seq.max(last_seq);
+                    if !more {
+                        s.last_sent = Some(chrono::Utc::now());
+                    }
+                }
                 for m in &mut self.manual {
                     if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.push_done) {
                         t.result.sent += items;
@@ -1949,6 +1994,8 @@ impl EventLoop {
                 let mut fetch = Vec::new();
                 let mut merged = 0;
                 let mut conflicts = 0;
+                let mut refused = 0;
+                let mut last_refusal = None;
                 for (id, seq, outcome) in results {
                     let block = |page: &mut PullPage| {
                         page.blocked_from = Some(page.blocked_from.map_or(seq, |b| b.min(seq)))
@@ -1958,6 +2005,12 @@ impl EventLoop {
                         Applied::MergedWithConflict => {
                             merged += 1;
                             conflicts += 1;
+                        }
+                        Applied::NotAllowed(why) => {
+                            // Not applied and not retried; the checkpoint passes it.
+                            tracing::warn!(%peer, doc = %id, reason = %why, "change refused");
+                            refused += 1;
+                            last_refusal = Some(why);
                         }
                         Applied::Unchanged => {}
                         Applied::Incomplete { have } if !after_fetch => fetch.push(pb::Have {
@@ -1987,11 +2040,16 @@ impl EventLoop {
                 if let Some(sess) = self.peers.get_mut(&peer).and_then(|s| s.pulling.as_mut()) {
                     sess.items += merged;
                     sess.conflicts += conflicts;
+                    sess.refused += refused;
+                    if last_refusal.is_some() {
+                        sess.refusal = last_refusal;
+                    }
                 }
                 for m in &mut self.manual {
                     if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.pull_done) {
                         t.result.received += merged;
                         t.result.conflicts += conflicts;
+                        t.result.refused += refused;
                     }
                 }
                 if !fetch.is_empty() {
@@ -2075,7 +2133,7 @@ impl EventLoop {
             s.last_sync = Some(chrono::Utc::now());
             if let Some(sess) = s.pulling.take() {
                 // A one-shot sync logs its own entry, with both directions.
-                if sess.items > 0 && sess.trigger != "manual" {
+                if (sess.items > 0 || sess.refused > 0) && sess.trigger != "manual" {
                     self.log_session(peer, "received", sess, None);
                 }
             }

@@ -24,6 +24,26 @@ pub struct PeerConfig {
     /// Trackers shared with this peer; `None` means all.
     #[serde(default)]
     pub trackers: Option<Vec<String>>,
+    /// What this peer's changes may do to our items: any of `create`, `update`, `delete`
+    /// (Sahana's strategies); `None` means all three.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+}
+
+/// The operations a peer's changes may perform on our items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ops {
+    pub create: bool,
+    pub update: bool,
+    pub delete: bool,
+}
+
+impl Ops {
+    pub const ALL: Ops = Ops {
+        create: true,
+        update: true,
+        delete: true,
+    };
 }
 
 fn both() -> String {
@@ -44,6 +64,7 @@ impl PeerConfig {
             schedule: continuous(),
             read_only: false,
             trackers: None,
+            allow: None,
         }
     }
 
@@ -68,6 +89,18 @@ impl PeerConfig {
         }
     }
 
+    /// The operations this peer's changes may perform.
+    pub fn ops(&self) -> Ops {
+        match &self.allow {
+            None => Ops::ALL,
+            Some(list) => Ops {
+                create: list.iter().any(|o| o == "create"),
+                update: list.iter().any(|o| o == "update"),
+                delete: list.iter().any(|o| o == "delete"),
+            },
+        }
+    }
+
     /// Whether changes move as they happen (otherwise only on schedule or on request).
     pub fn continuous(&self) -> bool {
         self.schedule == "continuous"
@@ -81,6 +114,16 @@ impl PeerConfig {
             return Err(format!(
                 "schedule {:?}: use continuous, manual or an interval such as 15m or 2h",
                 self.schedule
+            ));
+        }
+        if let Some(bad) = self
+            .allow
+            .iter()
+            .flatten()
+            .find(|o| !matches!(o.as_str(), "create" | "update" | "delete"))
+        {
+            return Err(format!(
+                "operation {bad:?}: allow create, update and/or delete"
             ));
         }
         if let Some(list) = &self.trackers {

@@ -760,6 +760,21 @@ impl Store {
         Ok((out, last, false))
     }
 
+    /// How many documents changed after `since` (counted up to `max`).
+    pub fn feed_count_since(&self, since: u64, max: u64) -> Result<u64> {
+        let start = key(P_SEQ, &[&since.saturating_add(1).to_be_bytes()]);
+        let end = key(P_SEQ, &[&u64::MAX.to_be_bytes()]);
+        let mut n = 0;
+        for kv in self.db.range(start..=end) {
+            kv?;
+            n += 1;
+            if n >= max {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
     /// Our checkpoint on a peer's feed: (its incarnation, last sequence number applied).
     pub fn checkpoint(&self, peer: &[u8]) -> Result<Option<(Uuid, u64)>> {
         match self.db.get(key(P_CHECKPOINT, &[peer]))? {

@@ -29,6 +29,9 @@ pub struct LogEntry {
     pub received: u64,
     /// Items whose merge left concurrent values on a field (listed under `conflicts`).
     pub conflicts: u64,
+    /// Changes of the peer not applied: it may not make them (its allowed operations).
+    #[serde(default)]
+    pub refused: u64,
     /// `ok` or `error`.
     pub result: String,
     /// Whether the error came from the peer (it refused or misbehaved) rather than from us.

@@ -182,6 +182,9 @@ pub struct PeerIn {
     /// Absent: unchanged (all, on creation); `null`: every tracker; a list: only those.
     #[serde(default, deserialize_with = "present")]
     pub trackers: Option<Option<Vec<String>>>,
+    /// Absent: unchanged (all, on creation); `null`: all; a list of create/update/delete.
+    #[serde(default, deserialize_with = "present")]
+    pub allow: Option<Option<Vec<String>>>,
 }
 
 /// A field that may be absent (`None`), `null` (`Some(None)`) or a value.

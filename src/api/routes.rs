@@ -327,6 +327,7 @@ pub async fn add_peer(
     }
     config.read_only = body.read_only.unwrap_or(false);
     config.trackers = body.trackers.flatten();
+    config.allow = body.allow.flatten();
     let saved = save_peer(&s, config).await?;
     Ok((StatusCode::CREATED, Json(saved)))
 }
@@ -371,6 +372,9 @@ pub async fn update_peer(
     }
     if let Some(t) = body.trackers {
         config.trackers = t;
+    }
+    if let Some(a) = body.allow {
+        config.allow = a;
     }
     Ok(Json(save_peer(&s, config).await?))
 }

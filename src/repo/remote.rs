@@ -16,6 +16,7 @@ use super::{heads_of, Indexing, ItemEvent, Loaded, Repo, Result, Source};
 pub const APPLY_BATCH: usize = 256;
 use crate::hlc::Hlc;
 use crate::item::{actor_for, ItemDoc};
+use crate::peer::Ops;
 use crate::schema::TrackerDoc;
 use crate::store::{DocKind, DocWrite};
 
@@ -53,6 +54,9 @@ pub enum Applied {
     Refused(String),
     /// Automerge panicked on these bytes. The sender must be disconnected.
     Panicked,
+    /// A valid change the sender may not make here (its allowed operations): not applied,
+    /// and not asked for again. Everything else still applies.
+    NotAllowed(String),
 }
 
 impl Repo {
@@ -130,6 +134,17 @@ impl Repo {
         docs: Vec<RemoteDoc>,
         from: u64,
     ) -> Result<Vec<(Uuid, u64, Applied)>> {
+        self.apply_remote_allowed(docs, from, Ops::ALL)
+    }
+
+    /// [`Repo::apply_remote`], refusing item changes that create, update or delete when the
+    /// sender may not ([`Applied::NotAllowed`]).
+    pub fn apply_remote_allowed(
+        &self,
+        docs: Vec<RemoteDoc>,
+        from: u64,
+        ops: Ops,
+    ) -> Result<Vec<(Uuid, u64, Applied)>> {
         let _writing = self.store.begin_write();
         let mut out = Vec::with_capacity(docs.len());
         let mut last_ticket = None;
@@ -157,7 +172,7 @@ impl Repo {
             for (n, doc) in batch.into_iter().enumerate() {
                 let (id, seq, kind) = (doc.id, doc.seq, doc.kind);
                 let new_doc = guards[n].is_none() && self.store.doc_meta(id)?.is_none();
-                let (applied, write) = self.apply_one(doc, from, &mut guards[n])?;
+                let (applied, write) = self.apply_one(doc, from, ops, &mut guards[n])?;
                 if let Some((write, tracker)) = write {
                     writes.push(write);
                     written.push(n);
@@ -219,6 +234,7 @@ impl Repo {
         &self,
         remote: RemoteDoc,
         from: u64,
+        ops: Ops,
         guard: &mut Option<Loaded>,
     ) -> Result<(Applied, Option<(DocWrite, Uuid)>)> {
         let id = remote.id;
@@ -336,6 +352,21 @@ impl Repo {
             if let Err(e) = clock.observe(m, now) {
                 tracing::warn!(doc = %id, error = %e, "remote change waits for the local clock");
                 return Ok((Applied::Deferred(e.to_string()), None));
+            }
+        }
+        if remote.kind == DocKind::Item && ops != Ops::ALL {
+            // The slot is empty here: a refused merge is dropped and reloads from disk.
+            let was_deleted = self.store.doc_meta(id)?.is_some_and(|m| m.deleted);
+            let op = match (existing, deleted && !was_deleted) {
+                (false, _) => (ops.create, "create"),
+                (true, true) => (ops.delete, "delete"),
+                (true, false) => (ops.update, "update"),
+            };
+            if !op.0 {
+                return Ok((
+                    Applied::NotAllowed(format!("item {id}: this peer may not {} items", op.1)),
+                    None,
+                ));
             }
         }
         let meta = if existing {

@@ -15,6 +15,16 @@ async fn add_with_schedule(a: &TestNode, b: &TestNode, schedule: &str) {
     assert_eq!(s, 201, "{e}");
 }
 
+/// One peer's entry in a node's status.
+async fn peer_status(n: &TestNode, peer: &str) -> serde_json::Value {
+    let (_, st) = n.get("/api/v1/status").await;
+    st["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["peer_id"] == peer))
+        .cloned()
+        .unwrap_or_else(|| panic!("{peer} not in status: {st}"))
+}
+
 async fn new_item(n: &TestNode, name: &str) -> String {
     let (s, item) = n
         .post(
@@ -43,6 +53,15 @@ async fn manual_peers_sync_only_on_request_and_the_log_records_it() {
     control.item_when(&first, |_| true).await;
     assert_eq!(b.get(&format!("/api/v1/items/{first}")).await.0, 404);
 
+    // a's status for b: both documents wait to be sent, nothing was ever sent.
+    let b_id = b.peer_id().await;
+    let pb = peer_status(&a, &b_id).await;
+    assert_eq!(
+        (pb["waiting"].as_u64(), &pb["last_sent"]),
+        (Some(2), &json!(null)),
+        "{pb}"
+    );
+
     let a_id = a.peer_id().await;
     let out = b.cli(&["sync", &a_id, "--json"]).await;
     assert!(out.ok, "{}\n{}", out.stdout, out.stderr);
@@ -51,6 +70,9 @@ async fn manual_peers_sync_only_on_request_and_the_log_records_it() {
     assert_eq!(summary["received"], 2, "{summary}");
     assert_eq!(summary["errors"], 0, "{summary}");
     assert_eq!(b.get(&format!("/api/v1/items/{first}")).await.0, 200);
+    let pb = peer_status(&a, &b_id).await;
+    assert_eq!(pb["waiting"].as_u64(), Some(0), "{pb}");
+    assert!(pb["last_sent"].is_string(), "{pb}");
 
     // Changes made on b go to a with the next one-shot sync (from either side).
     let from_b = new_item(&b, "Written on b").await;
@@ -77,7 +99,6 @@ async fn manual_peers_sync_only_on_request_and_the_log_records_it() {
         .iter()
         .all(|e| e["result"] == "ok" && e["peer"] == a_id.as_str()));
     assert!(manual[0]["id"].as_u64() > manual[1]["id"].as_u64());
-    let b_id = b.peer_id().await;
     let (s, a_log) = a.get(&format!("/api/v1/log?peer={b_id}")).await;
     assert_eq!(s, 200);
     assert!(
@@ -236,4 +257,68 @@ async fn a_share_policy_limits_what_moves_and_widening_it_back_fills() {
         .await;
     assert_eq!((s, &e["trackers"]), (200, &json!(null)), "{e}");
     a.item_when(&note, |_| true).await;
+}
+
+/// Allowed operations: a peer that may create and update but not delete has its deletes
+/// refused (not applied, not retried, visible in the log) while everything else it sends
+/// still applies.
+#[tokio::test]
+async fn a_peer_without_delete_rights_has_its_deletes_refused_and_logged() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    let (s, e) = a
+        .post(
+            "/api/v1/peers",
+            json!({"addr": b.p2p_addr().await, "allow": ["create", "update"]}),
+        )
+        .await;
+    assert_eq!((s, &e["allow"]), (201, &json!(["create", "update"])), "{e}");
+    let (s, e) = b
+        .post("/api/v1/peers", json!({"addr": a.p2p_addr().await}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    a.cases_tracker().await;
+    let x = new_item(&a, "Keep me").await;
+    let y = new_item(&a, "Edit me").await;
+    b.item_when(&y, |_| true).await;
+
+    // b deletes x, then edits y: the edit arrives, the delete is refused.
+    let (s, _) = b
+        .request(reqwest::Method::DELETE, &format!("/api/v1/items/{x}"), None)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = b
+        .patch(
+            &format!("/api/v1/items/{y}"),
+            json!({"fields": {"status": "closed"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let from_b = new_item(&b, "Created on b").await;
+    a.item_when(&y, |i| i["fields"]["status"] == "closed").await;
+    a.item_when(&from_b, |_| true).await;
+    let (_, kept) = a.get(&format!("/api/v1/items/{x}")).await;
+    assert_eq!(kept["deleted"], false, "{kept}");
+    let b_id = b.peer_id().await;
+    eventually("the refusal in a's log", || async {
+        let (_, log) = a.get(&format!("/api/v1/log?peer={b_id}")).await;
+        log.as_array()?
+            .iter()
+            .find(|e| e["refused"].as_u64() >= Some(1))
+            .filter(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("may not delete"))
+            })
+            .map(|_| ())
+    })
+    .await;
+    // A bad operation name is refused.
+    let (s, e) = a
+        .patch(
+            &format!("/api/v1/peers/{b_id}"),
+            json!({"allow": ["erase"]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
 }
