@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/trackers/{t}/fields", post(add_field))
         .route("/trackers/{t}/items", post(create_item).get(list_items))
         .route("/trackers/{t}/conflicts", get(tracker_conflicts))
+        .route("/trackers/{t}/conflicts/ack", post(ack_tracker_conflicts))
         .route(
             "/items/{id}",
             get(get_item).patch(update_item).delete(delete_item),
@@ -76,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/items/{id}/history", get(item_history))
         .route("/items/{id}/conflicts", get(item_conflicts))
         .route("/items/{id}/conflicts/restore", post(restore_conflict))
+        .route("/items/{id}/conflicts/ack", post(ack_item_conflicts))
         .route("/events", get(events))
         .route("/peers", get(list_peers).post(add_peer))
         .route(

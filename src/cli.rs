@@ -267,10 +267,21 @@ pub enum ItemCmd {
 
 #[derive(Args, Debug)]
 pub struct ConflictsArgs {
-    /// An item (id or display id); omit and pass --tracker for a whole tracker.
+    /// An item (id or display id); omit and pass --tracker for a tracker's inbox (conflicts
+    /// not reviewed yet). `ack [ITEM]` marks them reviewed (an item's, or with --tracker the
+    /// whole inbox).
     pub item: Option<String>,
+    /// With `ack`: the item.
+    #[arg(hide = true)]
+    pub target: Option<String>,
     #[arg(long)]
     pub tracker: Option<String>,
+    /// With `ack ITEM`: only this field's conflict.
+    #[arg(long)]
+    pub field: Option<String>,
+    /// The inbox with reviewed conflicts too.
+    #[arg(long)]
+    pub all: bool,
     /// Restore a losing value: FIELD and the loser's HLC, as shown.
     #[arg(long, num_args = 2, value_names = ["FIELD", "HLC"])]
     pub restore: Option<Vec<String>>,
@@ -631,6 +642,37 @@ async fn item_command(c: &Client, cmd: ItemCmd) -> Result<()> {
 }
 
 async fn conflicts_command(c: &Client, a: ConflictsArgs) -> Result<()> {
+    if a.item.as_deref() == Some("ack") {
+        let done = match (&a.target, &a.tracker) {
+            (Some(item), _) => {
+                let body = match &a.field {
+                    Some(f) => json!({"field": f}),
+                    None => json!({}),
+                };
+                c.request(
+                    Method::POST,
+                    &format!("/items/{}/conflicts/ack", enc(item)),
+                    Some(body),
+                )
+                .await?
+            }
+            (None, Some(t)) => {
+                c.request(
+                    Method::POST,
+                    &format!("/trackers/{}/conflicts/ack", enc(t)),
+                    None,
+                )
+                .await?
+            }
+            (None, None) => bail!("`conflicts ack` needs an ITEM or --tracker TRACKER"),
+        };
+        if a.json {
+            print_json(&done);
+        } else {
+            println!("acknowledged {} conflicts", done["acknowledged"]);
+        }
+        return Ok(());
+    }
     if let Some(r) = a.restore {
         let item = a.item.context("--restore needs the ITEM")?;
         let updated = c
@@ -645,7 +687,14 @@ async fn conflicts_command(c: &Client, a: ConflictsArgs) -> Result<()> {
     }
     let list = match (&a.item, &a.tracker) {
         (Some(item), _) => c.get(&format!("/items/{}/conflicts", enc(item))).await?,
-        (None, Some(t)) => c.get(&format!("/trackers/{}/conflicts", enc(t))).await?,
+        (None, Some(t)) => {
+            c.get(&format!(
+                "/trackers/{}/conflicts{}",
+                enc(t),
+                if a.all { "?all=true" } else { "" }
+            ))
+            .await?
+        }
         (None, None) => bail!("name an ITEM or pass --tracker TRACKER"),
     };
     if a.json {

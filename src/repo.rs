@@ -693,6 +693,75 @@ impl Repo {
     }
 
     /// Every conflict across a tracker's live and deleted items.
+    /// The conflict inbox: a tracker's fields with concurrent values the user has not
+    /// reviewed yet (some losing value not acknowledged); `all` lists reviewed ones too.
+    pub fn conflict_inbox(
+        &self,
+        tracker_ref: &str,
+        all: bool,
+    ) -> Result<Vec<(Uuid, FieldConflict)>> {
+        let mut out = self.tracker_conflicts(tracker_ref)?;
+        if !all {
+            let mut acks: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
+            for (item, _) in &out {
+                if !acks.contains_key(item) {
+                    acks.insert(*item, self.store.acks(*item)?);
+                }
+            }
+            out.retain(|(item, c)| !reviewed(&acks[item], c));
+        }
+        Ok(out)
+    }
+
+    /// Mark the current losing values of an item's conflicts (one field, or all) reviewed.
+    /// Returns how many fields' conflicts were acknowledged.
+    pub fn ack_conflicts(&self, reference: &str, field: Option<&str>) -> Result<usize> {
+        let id = self.resolve_item(reference)?;
+        let conflicts: Vec<FieldConflict> = self
+            .item_conflicts(&id.to_string())?
+            .into_iter()
+            .filter(|c| field.is_none_or(|f| c.field == f))
+            .collect();
+        if let Some(f) = field {
+            if conflicts.is_empty() {
+                return Err(RepoError::BadRequest(format!(
+                    "field {f:?} of this item has no conflict to acknowledge"
+                )));
+            }
+        }
+        self.ack(id, &conflicts)?;
+        Ok(conflicts.len())
+    }
+
+    /// Acknowledge every conflict in a tracker's inbox. Returns how many.
+    pub fn ack_tracker_conflicts(&self, tracker_ref: &str) -> Result<usize> {
+        let inbox = self.conflict_inbox(tracker_ref, false)?;
+        let mut by_item: HashMap<Uuid, Vec<FieldConflict>> = HashMap::new();
+        for (item, c) in inbox {
+            by_item.entry(item).or_default().push(c);
+        }
+        let mut n = 0;
+        for (item, conflicts) in by_item {
+            n += conflicts.len();
+            self.ack(item, &conflicts)?;
+        }
+        Ok(n)
+    }
+
+    fn ack(&self, item: Uuid, conflicts: &[FieldConflict]) -> Result<()> {
+        let mut acks = self.store.acks(item)?;
+        for c in conflicts {
+            for l in &c.losers {
+                let pair = (c.field.clone(), l.hlc.to_string());
+                if !acks.contains(&pair) {
+                    acks.push(pair);
+                }
+            }
+        }
+        self.store.set_acks(item, &acks)?;
+        Ok(())
+    }
+
     pub fn tracker_conflicts(&self, tracker_ref: &str) -> Result<Vec<(Uuid, FieldConflict)>> {
         let tracker = self.tracker(tracker_ref)?;
         let mut out = Vec::new();
@@ -712,6 +781,14 @@ impl Repo {
             after = ids.last().copied();
         }
     }
+}
+
+/// Whether every losing value of a conflict has been acknowledged.
+fn reviewed(acks: &[(String, String)], c: &FieldConflict) -> bool {
+    c.losers.iter().all(|l| {
+        acks.iter()
+            .any(|(f, h)| *f == c.field && *h == l.hlc.to_string())
+    })
 }
 
 fn check_fields(fields: &[FieldDef]) -> Result<()> {

@@ -57,6 +57,9 @@ const P_PEER: u8 = b'P';
 const P_LOG: u8 = b'L';
 /// When a peer's scheduled sync last ran (ms since the epoch), by peer.
 const P_LAST_RUN: u8 = b'R';
+/// Losing values a user has reviewed (the conflict inbox's acknowledgements), by item:
+/// a JSON array of [field, loser stamp]. Local to this node; never synced.
+const P_ACK: u8 = b'A';
 
 /// Sync log entries kept (the log rotates).
 pub const LOG_MAX_ENTRIES: u64 = 10_000;
@@ -881,6 +884,25 @@ impl Store {
     pub fn set_last_run(&self, peer: &[u8], ms: u64) -> Result<()> {
         self.db
             .insert(key(P_LAST_RUN, &[peer]), &ms.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The losing values of an item a user acknowledged: (field, loser stamp as text).
+    pub fn acks(&self, item: Uuid) -> Result<Vec<(String, String)>> {
+        match self.db.get(key(P_ACK, &[item.as_bytes()]))? {
+            None => Ok(Vec::new()),
+            Some(v) => serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt {
+                key: format!("A{item}"),
+                what: "conflict acknowledgements",
+            }),
+        }
+    }
+
+    /// Record acknowledgements for an item (replacing its list), durably.
+    pub fn set_acks(&self, item: Uuid, acks: &[(String, String)]) -> Result<()> {
+        let v = serde_json::to_vec(acks).expect("pairs of strings serialize");
+        self.db.insert(key(P_ACK, &[item.as_bytes()]), v)?;
+        self.db.flush()?;
         Ok(())
     }
 

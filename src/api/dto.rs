@@ -226,3 +226,17 @@ pub struct SyncIn {
     pub peer: Option<String>,
     pub tracker: Option<String>,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AckConflicts {
+    /// Only this field's conflict; default: every field of the item.
+    pub field: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxQuery {
+    /// `true`: reviewed conflicts too.
+    pub all: Option<bool>,
+}

@@ -197,13 +197,43 @@ pub async fn restore_conflict(
 pub async fn tracker_conflicts(
     State(s): State<AppState>,
     Path(t): Path<String>,
+    QueryParams(q): QueryParams<InboxQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    let c = s.blocking(move |r| r.tracker_conflicts(&t)).await?;
+    let all = q.all.unwrap_or(false);
+    let c = s.blocking(move |r| r.conflict_inbox(&t, all)).await?;
     Ok(Json(
         c.into_iter()
             .map(|(item, c)| ConflictOut::new(Some(item), c))
             .collect::<Vec<_>>(),
     ))
+}
+
+/// Mark an item's conflicts (or one field's) reviewed: they leave the inbox until a new
+/// concurrent write arrives.
+pub async fn ack_item_conflicts(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let body: AckConflicts = if body.iter().all(u8::is_ascii_whitespace) {
+        AckConflicts::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("acknowledgement: {e}")))?
+    };
+    let n = s
+        .blocking(move |r| r.ack_conflicts(&id, body.field.as_deref()))
+        .await?;
+    Ok(Json(serde_json::json!({"acknowledged": n})))
+}
+
+/// Mark every conflict in a tracker's inbox reviewed.
+pub async fn ack_tracker_conflicts(
+    State(s): State<AppState>,
+    Path(t): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let n = s.blocking(move |r| r.ack_tracker_conflicts(&t)).await?;
+    Ok(Json(serde_json::json!({"acknowledged": n})))
 }
 
 /// Server-sent events: one JSON object per durable item change. A subscriber that falls more

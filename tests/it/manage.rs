@@ -322,3 +322,83 @@ async fn a_peer_without_delete_rights_has_its_deletes_refused_and_logged() {
         .await;
     assert_eq!(s, 400, "{e}");
 }
+
+/// The conflict inbox lists a tracker's fields with concurrent values not reviewed yet;
+/// `conflicts ack` clears them until a new concurrent write arrives. A one-shot sync that
+/// creates a conflict counts it.
+#[tokio::test]
+async fn the_conflict_inbox_holds_unreviewed_conflicts_until_acknowledged() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    add_with_schedule(&a, &b, "manual").await;
+    add_with_schedule(&b, &a, "manual").await;
+    a.cases_tracker().await;
+    let id = new_item(&a, "Contested").await;
+    let a_id = a.peer_id().await;
+    assert!(b.cli(&["sync", &a_id]).await.ok);
+
+    // Concurrent writes to one field, then a sync: one conflict, on both nodes.
+    let contest = |x: &'static str, y: &'static str| {
+        let (a, b, id, a_id) = (&a, &b, id.clone(), a_id.clone());
+        async move {
+            for (n, v) in [(a, x), (b, y)] {
+                let (s, e) = n
+                    .patch(
+                        &format!("/api/v1/items/{id}"),
+                        json!({"fields": {"status": v}}),
+                    )
+                    .await;
+                assert_eq!(s, 200, "{e}");
+            }
+            let out = b.cli(&["sync", &a_id, "--json"]).await;
+            assert!(out.ok, "{}", out.stderr);
+            out.json()
+        }
+    };
+    let summary = contest("open", "closed").await;
+    assert_eq!(summary["conflicts"], 1, "{summary}");
+    let inbox = |n: &TestNode, all: bool| {
+        let args: Vec<&str> = if all {
+            vec!["conflicts", "--tracker", "cases", "--all", "--json"]
+        } else {
+            vec!["conflicts", "--tracker", "cases", "--json"]
+        };
+        let dir = n.dir.clone();
+        async move {
+            let out = crate::support::run_cli(&dir, &args).await;
+            assert!(out.ok, "{}", out.stderr);
+            out.json().as_array().expect("array").len()
+        }
+    };
+    assert_eq!(inbox(&a, false).await, 1);
+    let out = a
+        .cli(&["conflicts", "ack", "--tracker", "cases", "--json"])
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.json()["acknowledged"], 1);
+    assert_eq!(inbox(&a, false).await, 0);
+    assert_eq!(
+        inbox(&a, true).await,
+        1,
+        "reviewed conflicts stay listed with --all"
+    );
+    // b reviews nothing: its inbox still shows it.
+    assert_eq!(inbox(&b, false).await, 1);
+
+    // A new concurrent write brings the field back; acknowledging the one field clears it.
+    contest("closed", "open").await;
+    a.item_when(&id, |i| i["fields"]["status"].is_string())
+        .await;
+    eventually("the new conflict in a's inbox", || async {
+        (inbox(&a, false).await == 1).then_some(())
+    })
+    .await;
+    let out = a
+        .cli(&["conflicts", "ack", &id, "--field", "status", "--json"])
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.json()["acknowledged"], 1);
+    assert_eq!(inbox(&a, false).await, 0);
+    let out = a.cli(&["conflicts", "ack", &id, "--field", "name"]).await;
+    assert!(!out.ok, "a field without a conflict cannot be acknowledged");
+}
