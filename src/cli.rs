@@ -61,6 +61,10 @@ pub enum Command {
 pub struct SyncArgs {
     /// The peer (PeerId); default: every peer.
     pub peer: Option<String>,
+    /// A tracker that must be shared with the peer(s). The run moves every shared tracker:
+    /// sync follows the node's change feed, not one tracker's.
+    #[arg(long)]
+    pub tracker: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -991,10 +995,13 @@ async fn log_command(c: &Client, a: LogArgs) -> Result<()> {
 
 async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
     use std::io::IsTerminal;
-    let body = match &a.peer {
-        Some(p) => json!({"peer": p}),
-        None => json!({}),
-    };
+    let mut body = json!({});
+    if let Some(p) = &a.peer {
+        body["peer"] = json!(p);
+    }
+    if let Some(t) = &a.tracker {
+        body["tracker"] = json!(t);
+    }
     // A spinner with the elapsed time while the node syncs, when someone is watching.
     let spinner = std::io::stderr().is_terminal().then(|| {
         let pb = indicatif::ProgressBar::new_spinner();

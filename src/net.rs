@@ -97,6 +97,9 @@ pub struct PeerStatus {
     /// Our changes the peer has not pulled yet (documents changed after what we last served
     /// it; every document, before it first pulls).
     pub waiting: u64,
+    /// Per tracker shared with the peer: when it was last synced from the peer (a pull moves
+    /// every shared tracker at once, so they share `last_sync`).
+    pub last_sync_by_tracker: std::collections::BTreeMap<String, Option<String>>,
     pub last_error: Option<String>,
 }
 
@@ -121,6 +124,8 @@ pub struct SyncSummary {
     /// Peers the sync failed with (see `peers` for why).
     pub errors: u64,
     pub duration_ms: u64,
+    /// The tracker the sync was asked for; counts cover every tracker shared with the peers.
+    pub tracker: Option<String>,
     pub peers: Vec<PeerSyncResult>,
 }
 
@@ -130,6 +135,8 @@ const MANUAL_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// A one-shot sync in progress: per peer, done once we pulled to the end of its feed and it
 /// pulled ours up to where it stood when the sync began.
 struct ManualSync {
+    /// The tracker the user named (it is moved with every other shared tracker).
+    tracker: Option<String>,
     time: chrono::DateTime<chrono::Utc>,
     started: Instant,
     targets: HashMap<PeerId, ManualTarget>,
@@ -147,7 +154,11 @@ struct ManualTarget {
 
 enum Command {
     AddPeer(PeerConfig, oneshot::Sender<Result<PeerConfig, String>>),
-    Sync(Option<String>, oneshot::Sender<Result<SyncSummary, String>>),
+    Sync(
+        Option<String>,
+        Option<String>,
+        oneshot::Sender<Result<SyncSummary, String>>,
+    ),
     RemovePeer(String, oneshot::Sender<bool>),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     ListenAddrs(oneshot::Sender<Vec<String>>),
@@ -173,8 +184,14 @@ impl NetHandle {
     }
 
     /// Sync now with one peer (or every peer), whatever their schedules; waits until done.
-    pub async fn sync_now(&self, peer: Option<String>) -> Result<SyncSummary, String> {
-        self.ask(|tx| Command::Sync(peer, tx))
+    /// `tracker`: a tracker that must be shared with the peer(s); the run still moves every
+    /// shared tracker (sync follows the node's change feed, not one tracker's).
+    pub async fn sync_now(
+        &self,
+        peer: Option<String>,
+        tracker: Option<String>,
+    ) -> Result<SyncSummary, String> {
+        self.ask(|tx| Command::Sync(peer, tracker, tx))
             .await
             .unwrap_or_else(|| Err("the network loop stopped".into()))
     }
@@ -340,6 +357,8 @@ struct PeerState {
     run_active: bool,
     /// When the next scheduled run is due (interval schedules).
     next_run: Option<Instant>,
+    /// When a read-only refusal was last logged.
+    refusal_logged: Option<Instant>,
     /// The session pulling this peer's changes, and the one serving it ours.
     pulling: Option<Session>,
     serving: Option<Session>,
@@ -371,6 +390,7 @@ impl PeerState {
             recon: None,
             run_active: false,
             next_run: None,
+            refusal_logged: None,
             pulling: None,
             serving: None,
             notify_in_flight: false,
@@ -637,8 +657,9 @@ impl EventLoop {
                 };
                 let _ = reply.send(removed);
             }
-            Command::Sync(peer, reply) => self.start_manual_sync(peer, reply),
+            Command::Sync(peer, tracker, reply) => self.start_manual_sync(peer, tracker, reply),
             Command::Peers(reply) => {
+                let trackers = self.repo.trackers();
                 let mut out: Vec<PeerStatus> = self
                     .peers
                     .iter()
@@ -657,6 +678,22 @@ impl EventLoop {
                             .store()
                             .feed_count_since(s.served_seq, WAITING_COUNT_MAX)
                             .unwrap_or(0),
+                        last_sync_by_tracker: trackers
+                            .iter()
+                            .filter(|t| {
+                                s.config.trackers.as_ref().is_none_or(|names| {
+                                    names.iter().any(|n| *n == t.name || *n == t.id.to_string())
+                                })
+                            })
+                            .map(|t| {
+                                (
+                                    t.name.clone(),
+                                    s.last_sync.map(|x| {
+                                        x.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                                    }),
+                                )
+                            })
+                            .collect(),
                         last_error: s.last_error.clone(),
                     })
                     .collect();
@@ -831,6 +868,39 @@ impl EventLoop {
         self.write_log(entry);
     }
 
+    /// A read-only peer announced changes: we do not take them. Logged at most once a minute
+    /// per peer, so the log shows it without filling up.
+    fn log_read_only_refusal(&mut self, peer: PeerId) {
+        let Some(s) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if s.refusal_logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        s.refusal_logged = Some(Instant::now());
+        let entry = crate::synclog::LogEntry {
+            id: 0,
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            peer: peer.to_string(),
+            peer_name: s.config.name.clone(),
+            tracker: None,
+            mode: s.config.mode.clone(),
+            direction: "received".into(),
+            trigger: "peer".into(),
+            sent: 0,
+            received: 0,
+            conflicts: 0,
+            refused: 1,
+            result: "refused".into(),
+            remote_error: false,
+            message: "the peer is read-only here: its changes are not taken".into(),
+            duration_ms: 0,
+        };
+        self.write_log(entry);
+    }
+
     fn write_log(&self, entry: crate::synclog::LogEntry) {
         let repo = self.repo.clone();
         tokio::task::spawn_blocking(move || {
@@ -942,6 +1012,7 @@ impl EventLoop {
     fn start_manual_sync(
         &mut self,
         peer: Option<String>,
+        tracker: Option<String>,
         reply: oneshot::Sender<Result<SyncSummary, String>>,
     ) {
         let targets: Vec<PeerId> = match peer {
@@ -962,8 +1033,30 @@ impl EventLoop {
             let _ = reply.send(Err("no peers to sync with: add one first".into()));
             return;
         }
+        let tracker_id = match &tracker {
+            None => None,
+            Some(t) => match self.repo.tracker(t) {
+                Ok(found) => Some(found.id),
+                Err(_) => {
+                    let _ = reply.send(Err(format!("no tracker {t:?}")));
+                    return;
+                }
+            },
+        };
+        if let Some(id) = tracker_id {
+            for peer in &targets {
+                if self.shared(peer).is_some_and(|s| !s.contains(&id)) {
+                    let _ = reply.send(Err(format!(
+                        "tracker {:?} is not shared with peer {peer}",
+                        tracker.as_deref().unwrap_or("")
+                    )));
+                    return;
+                }
+            }
+        }
         let push_seq = self.repo.store().last_seq();
         let mut sync = ManualSync {
+            tracker,
             time: chrono::Utc::now(),
             started: Instant::now(),
             targets: HashMap::new(),
@@ -1126,6 +1219,7 @@ impl EventLoop {
             }
             let mut summary = SyncSummary {
                 duration_ms: m.started.elapsed().as_millis() as u64,
+                tracker: m.tracker.clone(),
                 ..Default::default()
             };
             let mut results: Vec<(PeerId, PeerSyncResult)> =
@@ -1142,7 +1236,7 @@ impl EventLoop {
                         time: m.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                         peer: r.peer.clone(),
                         peer_name: s.config.name.clone(),
-                        tracker: None,
+                        tracker: m.tracker.clone(),
                         mode: s.config.mode.clone(),
                         direction: "both".into(),
                         trigger: "manual".into(),
@@ -1506,6 +1600,9 @@ impl EventLoop {
         let serves = state.config.pushes();
         match request.body {
             Some(pb::request::Body::Notify(notify)) => {
+                if state.config.read_only {
+                    self.log_read_only_refusal(peer);
+                }
                 // A peer running a one-shot sync asks us to take its changes now.
                 if notify.run {
                     if let Some(s) = self.peers.get_mut(&peer) {

@@ -78,11 +78,13 @@ impl PeerConfig {
         self.mode == "both" || self.mode == "push"
     }
 
-    /// The interval of an interval schedule (`15m`, `2h`); `None` for `continuous`/`manual`.
+    /// The interval of an interval schedule (`30s`, `15m`, `2h`); `None` for
+    /// `continuous`/`manual`.
     pub fn interval(&self) -> Option<std::time::Duration> {
         let (n, unit) = self.schedule.split_at(self.schedule.len().checked_sub(1)?);
         let n: u64 = n.parse().ok().filter(|n| *n >= 1)?;
         match unit {
+            "s" => Some(std::time::Duration::from_secs(n)),
             "m" => Some(std::time::Duration::from_secs(n.checked_mul(60)?)),
             "h" => Some(std::time::Duration::from_secs(n.checked_mul(3600)?)),
             _ => None,
@@ -112,7 +114,7 @@ impl PeerConfig {
         }
         if !matches!(self.schedule.as_str(), "continuous" | "manual") && self.interval().is_none() {
             return Err(format!(
-                "schedule {:?}: use continuous, manual or an interval such as 15m or 2h",
+                "schedule {:?}: use continuous, manual or an interval such as 30s, 15m or 2h",
                 self.schedule
             ));
         }
@@ -158,10 +160,14 @@ mod tests {
             with("2h").interval(),
             Some(std::time::Duration::from_secs(7200))
         );
-        for ok in ["continuous", "manual", "1m", "24h"] {
+        assert_eq!(
+            with("30s").interval(),
+            Some(std::time::Duration::from_secs(30))
+        );
+        for ok in ["continuous", "manual", "1m", "24h", "30s"] {
             assert!(with(ok).validate().is_ok(), "{ok}");
         }
-        for bad in ["", "0m", "15", "m", "15s", "-3m", "1.5h", "hourly"] {
+        for bad in ["", "0m", "0s", "15", "m", "15d", "-3m", "1.5h", "hourly"] {
             assert!(with(bad).validate().is_err(), "{bad}");
         }
     }

@@ -32,7 +32,7 @@ pub struct LogEntry {
     /// Changes of the peer not applied: it may not make them (its allowed operations).
     #[serde(default)]
     pub refused: u64,
-    /// `ok` or `error`.
+    /// `ok`, `error`, or `refused` (a read-only peer's changes were not taken).
     pub result: String,
     /// Whether the error came from the peer (it refused or misbehaved) rather than from us.
     pub remote_error: bool,

@@ -442,14 +442,6 @@ pub async fn sync_now(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request("invalid_json", format!("sync request: {e}")))?
     };
-    if let Some(t) = &body.tracker {
-        // The change feed is per node, not per tracker: a sync moves every tracker the peer
-        // shares. Say so rather than pretend to limit it.
-        return Err(ApiError::bad_request(
-            "unsupported",
-            format!("syncing only tracker {t:?} is not available yet: a sync moves every tracker shared with the peer"),
-        ));
-    }
     let Some(net) = &s.info.net else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -457,10 +449,13 @@ pub async fn sync_now(
             "this node runs without networking: start it with `trackersync serve`",
         ));
     };
-    match net.sync_now(body.peer.clone()).await {
+    match net.sync_now(body.peer.clone(), body.tracker.clone()).await {
         Ok(summary) => Ok(Json(summary)),
         Err(e) if e.starts_with("no peer ") => {
             Err(ApiError::new(StatusCode::NOT_FOUND, "peer_not_found", e))
+        }
+        Err(e) if e.starts_with("no tracker ") => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "tracker_not_found", e))
         }
         Err(e) => Err(ApiError::bad_request("invalid_sync", e)),
     }

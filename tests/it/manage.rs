@@ -147,6 +147,25 @@ async fn one_shot_sync_and_log_refuse_bad_requests() {
     assert_eq!(s, 400);
     let (s, log) = a.get("/api/v1/log").await;
     assert_eq!((s, log), (200, json!([])));
+
+    // An authorized peer that is down: the sync fails, says why, and the log records it.
+    let mut gone = TestNode::start().await;
+    let gone_addr = gone.p2p_addr().await;
+    gone.kill().await;
+    let (s, e) = a.post("/api/v1/peers", json!({"addr": gone_addr})).await;
+    assert_eq!(s, 201, "{e}");
+    let gone_id = gone_addr.rsplit('/').next().expect("peer id").to_string();
+    let out = a.cli(&["sync", &gone_id]).await;
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(out.stdout.contains("errors 1"), "{}", out.stdout);
+    let (_, log) = a.get(&format!("/api/v1/log?peer={gone_id}")).await;
+    let entry = log
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["trigger"] == "manual"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no manual entry: {log}"));
+    assert_eq!(entry["result"], "error", "{entry}");
+    assert!(entry["message"].as_str().is_some_and(|m| !m.is_empty()));
 }
 
 /// An interval peer syncs at once when its run is due (a first run, or one missed while the
@@ -182,7 +201,9 @@ async fn interval_peers_run_when_due_and_not_live() {
 #[tokio::test]
 async fn a_share_policy_limits_what_moves_and_widening_it_back_fills() {
     let a = TestNode::start().await;
-    let b = TestNode::start().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b_dir = tmp.path().join("b");
+    let mut b = TestNode::start_in(&b_dir).await;
     let control = TestNode::start().await;
     a.cases_tracker().await;
     let (s, e) = a
@@ -219,6 +240,43 @@ async fn a_share_policy_limits_what_moves_and_widening_it_back_fills() {
     control.item_when(&secret, |_| true).await;
     assert_eq!(b.get(&format!("/api/v1/items/{secret}")).await.0, 404);
     assert_eq!(b.get("/api/v1/trackers/secret").await.0, 404);
+    // Not in b's store either: stop b and read its sled store directly.
+    b.kill().await;
+    {
+        let store = trackersync::store::Store::open(&b_dir.join("db")).expect("b's store");
+        let secret_id: uuid::Uuid = secret.parse().expect("uuid");
+        assert!(store.doc_meta(secret_id).expect("read").is_none());
+        assert!(store.tracker_by_name("secret").expect("read").is_none());
+        let case_id: uuid::Uuid = case.parse().expect("uuid");
+        assert!(store.doc_meta(case_id).expect("read").is_some());
+    }
+    let b = TestNode::start_in(&b_dir).await;
+    // A one-shot sync naming a tracker checks it is shared.
+    let b_id = b.peer_id().await;
+    let out = a.cli(&["sync", &b_id, "--tracker", "secret"]).await;
+    assert!(
+        !out.ok && out.stderr.contains("not shared"),
+        "{}",
+        out.stderr
+    );
+    let out = a.cli(&["sync", &b_id, "--tracker", "nosuch"]).await;
+    assert!(
+        !out.ok && out.stderr.contains("no tracker"),
+        "{}",
+        out.stderr
+    );
+    let out = a
+        .cli(&["sync", &b_id, "--tracker", "cases", "--json"])
+        .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.json()["tracker"], "cases");
+    let pb = peer_status(&a, &b_id).await;
+    let by_tracker = pb["last_sync_by_tracker"].as_object().expect("map").clone();
+    assert_eq!(
+        by_tracker.keys().collect::<Vec<_>>(),
+        vec!["cases"],
+        "only shared trackers: {pb}"
+    );
 
     // b writes to a tracker a does not take from it, then to one it does.
     let (s, e) = b
@@ -240,7 +298,6 @@ async fn a_share_policy_limits_what_moves_and_widening_it_back_fills() {
     assert_eq!(a.get(&format!("/api/v1/items/{note}")).await.0, 404);
 
     // Widen the policy: the secret tracker back-fills.
-    let b_id = b.peer_id().await;
     let (s, e) = a
         .patch(
             &format!("/api/v1/peers/{b_id}"),
@@ -401,4 +458,110 @@ async fn the_conflict_inbox_holds_unreviewed_conflicts_until_acknowledged() {
     assert_eq!(inbox(&a, false).await, 0);
     let out = a.cli(&["conflicts", "ack", &id, "--field", "name"]).await;
     assert!(!out.ok, "a field without a conflict cannot be acknowledged");
+}
+
+/// Pull-only and push-only peers move data one way only.
+#[tokio::test]
+async fn pull_only_and_push_only_peers_move_data_one_way() {
+    let a = TestNode::start().await;
+    let puller = TestNode::start().await; // a takes its changes, sends it nothing
+    let pushed = TestNode::start().await; // a sends it changes, takes none of its own
+    let (s, e) = a
+        .post(
+            "/api/v1/peers",
+            json!({"addr": puller.p2p_addr().await, "mode": "pull"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, e) = a
+        .post(
+            "/api/v1/peers",
+            json!({"addr": pushed.p2p_addr().await, "mode": "push"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    for n in [&puller, &pushed] {
+        let (s, e) = n
+            .post("/api/v1/peers", json!({"addr": a.p2p_addr().await}))
+            .await;
+        assert_eq!(s, 201, "{e}");
+    }
+    a.cases_tracker().await;
+    let from_a = new_item(&a, "From a").await;
+    // a sends to `pushed`; not to `puller`.
+    pushed.item_when(&from_a, |_| true).await;
+    assert_eq!(puller.get(&format!("/api/v1/items/{from_a}")).await.0, 404);
+    // `pushed` writes: a does not take it. `puller` writes afterwards: a takes that.
+    let from_pushed = new_item(&pushed, "From pushed").await;
+    puller.cases_tracker().await;
+    let from_puller = new_item(&puller, "From puller").await;
+    a.item_when(&from_puller, |_| true).await;
+    assert_eq!(a.get(&format!("/api/v1/items/{from_pushed}")).await.0, 404);
+}
+
+/// A read-only peer's changes are refused (and the refusal logged) while it still pulls ours.
+#[tokio::test]
+async fn a_read_only_peer_pulls_but_its_edits_are_refused_and_logged() {
+    let a = TestNode::start().await;
+    let ro = TestNode::start().await;
+    let control = TestNode::start().await;
+    let (s, e) = a
+        .post(
+            "/api/v1/peers",
+            json!({"addr": ro.p2p_addr().await, "read_only": true}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let (s, e) = ro
+        .post("/api/v1/peers", json!({"addr": a.p2p_addr().await}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    a.cases_tracker().await;
+    let item = new_item(&a, "Original").await;
+    ro.item_when(&item, |_| true).await;
+    let (s, _) = ro
+        .patch(
+            &format!("/api/v1/items/{item}"),
+            json!({"fields": {"name": "Changed"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let ro_id = ro.peer_id().await;
+    eventually("the refusal in a's log", || async {
+        let (_, log) = a.get(&format!("/api/v1/log?peer={ro_id}")).await;
+        log.as_array()?
+            .iter()
+            .any(|e| e["result"] == "refused")
+            .then_some(())
+    })
+    .await;
+    // a's later change still reaches ro (a control sees it first) and a kept its value.
+    a.pair(&control).await;
+    let later = new_item(&a, "Later").await;
+    control.item_when(&later, |_| true).await;
+    ro.item_when(&later, |_| true).await;
+    let (_, kept) = a.get(&format!("/api/v1/items/{item}")).await;
+    assert_eq!(kept["fields"]["name"], "Original");
+}
+
+/// A short interval: the peer syncs on schedule, run after run.
+#[tokio::test]
+async fn an_interval_peer_syncs_on_schedule() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    add_with_schedule(&a, &b, "2s").await;
+    add_with_schedule(&b, &a, "2s").await;
+    a.cases_tracker().await;
+    let first = new_item(&a, "First run").await;
+    b.item_when(&first, |_| true).await;
+    let second = new_item(&a, "A later run").await;
+    b.item_when(&second, |_| true).await;
+    let (_, log) = b.get("/api/v1/log").await;
+    let runs = log
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|e| e["trigger"] == "scheduled" && e["received"].as_u64() >= Some(1))
+        .count();
+    assert!(runs >= 2, "{log}");
 }
