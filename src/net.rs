@@ -67,7 +67,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a peer dropped for misbehaving waits before we dial it again.
 const MISBEHAVIOUR_PAUSE: Duration = Duration::from_secs(30);
 /// Peer status counts waiting changes up to this many.
-const WAITING_COUNT_MAX: u64 = 1_000_000;
+const WAITING_COUNT_MAX: u64 = 100_000;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(5);
 /// Documents whose stamps were too far ahead are retried after this long.
@@ -660,6 +660,8 @@ impl EventLoop {
             Command::Sync(peer, tracker, reply) => self.start_manual_sync(peer, tracker, reply),
             Command::Peers(reply) => {
                 let trackers = self.repo.trackers();
+                let shared: HashMap<PeerId, Option<std::collections::HashSet<Uuid>>> =
+                    self.peers.keys().map(|p| (*p, self.shared(p))).collect();
                 let mut out: Vec<PeerStatus> = self
                     .peers
                     .iter()
@@ -676,7 +678,12 @@ impl EventLoop {
                         waiting: self
                             .repo
                             .store()
-                            .feed_count_since(s.served_seq, WAITING_COUNT_MAX)
+                            .feed_count_since(
+                                s.served_seq,
+                                WAITING_COUNT_MAX,
+                                crate::store::peer_tag(&id.to_bytes()),
+                                shared[id].as_ref(),
+                            )
                             .unwrap_or(0),
                         last_sync_by_tracker: trackers
                             .iter()

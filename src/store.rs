@@ -763,13 +763,26 @@ impl Store {
         Ok((out, last, false))
     }
 
-    /// How many documents changed after `since` (counted up to `max`).
-    pub fn feed_count_since(&self, since: u64, max: u64) -> Result<u64> {
+    /// How many documents changed after `since` that a pull by the peer tagged `skip_source`
+    /// would carry (see [`Store::feed_since_shared`]), counted up to `max`.
+    pub fn feed_count_since(
+        &self,
+        since: u64,
+        max: u64,
+        skip_source: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+    ) -> Result<u64> {
         let start = key(P_SEQ, &[&since.saturating_add(1).to_be_bytes()]);
         let end = key(P_SEQ, &[&u64::MAX.to_be_bytes()]);
         let mut n = 0;
         for kv in self.db.range(start..=end) {
-            kv?;
+            let (_, v) = kv?;
+            let Some(m) = self.doc_meta(uuid_at(&v, 0)?)? else {
+                continue;
+            };
+            if m.source == skip_source || shared.is_some_and(|t| !t.contains(&m.tracker)) {
+                continue;
+            }
             n += 1;
             if n >= max {
                 break;

@@ -402,6 +402,7 @@ impl Repo {
                         .flatten()
                         .is_none_or(|t| t == id)
                 }),
+                source,
                 ..Indexing::tracker(id)
             },
         };
