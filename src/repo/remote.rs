@@ -116,6 +116,10 @@ impl Repo {
         } else {
             loaded.doc.save_after(&have)
         };
+        if data.is_empty() {
+            // The peer has everything of it already (it is ahead of us on this document).
+            return Ok(None);
+        }
         Ok(Some(RemoteDoc {
             id,
             kind: meta.kind,
@@ -248,6 +252,28 @@ impl Repo {
                     None,
                 ));
             }
+        }
+        if remote.data.is_empty() {
+            // No changes: what we hold already covers the sender's heads (a fetch answered
+            // for a document where we are ahead), or we lack something and must fetch it.
+            let known = self.ensure_loaded(id, guard)?.is_some_and(|l| {
+                catch_unwind(AssertUnwindSafe(|| {
+                    remote
+                        .heads
+                        .iter()
+                        .all(|h| l.doc.get_change_by_hash(&ChangeHash(*h)).is_some())
+                }))
+                .unwrap_or(false)
+            });
+            if known {
+                return Ok((Applied::Unchanged, None));
+            }
+            let have = guard
+                .as_ref()
+                .and_then(|l| l.meta.as_ref())
+                .map(|m| m.heads.clone())
+                .unwrap_or_default();
+            return Ok((Applied::Incomplete { have }, None));
         }
         if let Err(why) = super::guard::check(&remote.data) {
             return Ok((Applied::Refused(format!("document {id}: {why}")), None));
@@ -479,6 +505,53 @@ mod tests {
             .find(|d| d.kind == DocKind::Item)
             .cloned()
             .expect("an item")
+    }
+
+    /// A document with no bytes (a fetch answered where we are ahead) is not a refusal:
+    /// nothing to do when we hold its heads, a fetch when we do not; and serving a fetch to
+    /// a peer that has everything sends nothing.
+    #[test]
+    fn documents_without_bytes_are_unchanged_or_incomplete_never_refused() {
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (peer, docs) = peer_docs(a.path());
+        let us = repo(b.path(), 1);
+        let item = item_of(&docs);
+        let empty = RemoteDoc {
+            data: Vec::new(),
+            ..item.clone()
+        };
+        let out = us.apply_remote(vec![empty.clone()], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::Incomplete { have: vec![] });
+        us.apply_remote(docs.clone(), 7).expect("apply");
+        // Now ours, with a local edit on top: we are ahead of the sender.
+        us.update_item(
+            &item.id.to_string(),
+            json!({"a": "y"}).as_object().cloned().expect("map"),
+        )
+        .expect("edit");
+        let out = us.apply_remote(vec![empty], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::Unchanged);
+        let ours = us
+            .store()
+            .doc_meta(item.id)
+            .expect("meta")
+            .expect("doc")
+            .heads;
+        // The peer serving a fetch with our (newer) heads has nothing to send.
+        let heads_we_have: Vec<[u8; 32]> = peer
+            .store()
+            .doc_meta(item.id)
+            .expect("meta")
+            .expect("doc")
+            .heads;
+        assert!(peer
+            .fetch(item.id, &heads_we_have)
+            .expect("fetch")
+            .is_none());
+        assert!(peer.fetch(item.id, &ours).expect("fetch").is_some());
     }
 
     #[test]

@@ -36,9 +36,17 @@ async fn nodes_converge_after_kills_and_concurrent_edits() {
     println!("fault test seed {seed} (replay with TRACKERSYNC_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().expect("tempdir");
+    // With TRACKERSYNC_TEST_LOGS the data dirs (and node logs) outlive the test.
+    let (root, _tmp) = if std::env::var_os("TRACKERSYNC_TEST_LOGS").is_some() {
+        let root = tmp.keep();
+        eprintln!("node data and logs under {}", root.display());
+        (root, None)
+    } else {
+        (tmp.path().to_path_buf(), Some(tmp))
+    };
     let mut slots = Vec::new();
     for i in 0..NODES {
-        let dir = tmp.path().join(format!("n{i}"));
+        let dir = root.join(format!("n{i}"));
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
         let node = TestNode::start_listening(&dir, &listen).await;
         slots.push(Slot {

@@ -66,7 +66,17 @@ impl TestNode {
             .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // TRACKERSYNC_TEST_LOGS=1 keeps each node's log in its data dir (node.log).
+            .stderr(if std::env::var_os("TRACKERSYNC_TEST_LOGS").is_some() {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("node.log"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null())
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("spawn trackersync serve");
