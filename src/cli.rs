@@ -1006,13 +1006,36 @@ async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
     let spinner = std::io::stderr().is_terminal().then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} syncing… {elapsed}")
+            indicatif::ProgressStyle::with_template("{spinner} syncing… {elapsed} {msg}")
                 .expect("valid template"),
         );
         pb.enable_steady_tick(std::time::Duration::from_millis(120));
         pb
     });
-    let result = c.request(Method::POST, "/sync", Some(body)).await;
+    let request = c.request(Method::POST, "/sync", Some(body));
+    let result = match &spinner {
+        None => request.await,
+        Some(pb) => {
+            // Progress: items merged so far, from the peers' status, while the node syncs.
+            tokio::pin!(request);
+            loop {
+                tokio::select! {
+                    r = &mut request => break r,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                        if let Ok(peers) = c.get("/peers").await {
+                            let n: u64 = peers
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|p| p["receiving"].as_u64())
+                                .sum();
+                            pb.set_message(format!("{n} items received"));
+                        }
+                    }
+                }
+            }
+        }
+    };
     if let Some(pb) = spinner {
         pb.finish_and_clear();
     }

@@ -97,6 +97,8 @@ pub struct PeerStatus {
     /// Our changes the peer has not pulled yet (documents changed after what we last served
     /// it; every document, before it first pulls).
     pub waiting: u64,
+    /// Items merged so far in the pull under way (progress of a long sync), 0 when idle.
+    pub receiving: u64,
     /// Per tracker shared with the peer: when it was last synced from the peer (a pull moves
     /// every shared tracker at once, so they share `last_sync`).
     pub last_sync_by_tracker: std::collections::BTreeMap<String, Option<String>>,
@@ -685,6 +687,7 @@ impl EventLoop {
                                 shared[id].as_ref(),
                             )
                             .unwrap_or(0),
+                        receiving: s.pulling.as_ref().map_or(0, |p| p.items),
                         last_sync_by_tracker: trackers
                             .iter()
                             .filter(|t| {

@@ -72,6 +72,9 @@ async fn manual_peers_sync_only_on_request_and_the_log_records_it() {
     assert_eq!(b.get(&format!("/api/v1/items/{first}")).await.0, 200);
     let pb = peer_status(&a, &b_id).await;
     assert_eq!(pb["waiting"].as_u64(), Some(0), "{pb}");
+    // Idle again: no pull under way on b.
+    let pa = peer_status(&b, &a.peer_id().await).await;
+    assert_eq!(pa["receiving"].as_u64(), Some(0), "{pa}");
     assert!(pb["last_sent"].is_string(), "{pb}");
 
     // Changes made on b go to a with the next one-shot sync (from either side).
