@@ -89,20 +89,8 @@ pub enum PeerCmd {
     /// Authorize a peer: a multiaddr ending in /p2p/<PeerId> (or a bare PeerId found by mDNS).
     Add {
         peer: String,
-        #[arg(long)]
-        name: Option<String>,
-        /// both (default), pull (only take its changes) or push (only send ours).
-        #[arg(long)]
-        mode: Option<String>,
-        /// continuous (default), manual (only `trackersync sync`) or an interval: 15m, 2h.
-        #[arg(long)]
-        schedule: Option<String>,
-        /// Share only these trackers with the peer (comma-separated names); default: all.
-        #[arg(long, value_delimiter = ',')]
-        trackers: Option<Vec<String>>,
-        /// What the peer's changes may do to our items: create,update,delete (default: all).
-        #[arg(long, value_delimiter = ',')]
-        allow: Option<Vec<String>>,
+        #[command(flatten)]
+        settings: PeerSettings,
         /// Refuse this peer's changes; it may still pull ours.
         #[arg(long)]
         read_only: bool,
@@ -111,22 +99,11 @@ pub enum PeerCmd {
     },
     /// List authorized peers and whether they are connected.
     List(JsonFlag),
-    /// Change a peer's name, mode, schedule or read-only flag.
+    /// Change a peer's name, mode, schedule, share policy, allowed operations or read-only flag.
     Update {
         peer: String,
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long)]
-        mode: Option<String>,
-        /// continuous, manual or an interval: 15m, 2h.
-        #[arg(long)]
-        schedule: Option<String>,
-        /// Share only these trackers (comma-separated names), or `all`.
-        #[arg(long, value_delimiter = ',')]
-        trackers: Option<Vec<String>>,
-        /// What the peer's changes may do to our items: create,update,delete, or `all`.
-        #[arg(long, value_delimiter = ',')]
-        allow: Option<Vec<String>>,
+        #[command(flatten)]
+        settings: PeerSettings,
         #[arg(long)]
         read_only: Option<bool>,
         #[arg(long)]
@@ -134,6 +111,47 @@ pub enum PeerCmd {
     },
     /// Revoke a peer: it is disconnected at once and syncs nothing more.
     Remove { peer: String },
+}
+
+/// How to sync with a peer (unset: the default on `add`, unchanged on `update`).
+#[derive(Args, Debug)]
+pub struct PeerSettings {
+    #[arg(long)]
+    pub name: Option<String>,
+    /// both (default), pull (only take its changes) or push (only send ours).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// continuous (default), manual (only `trackersync sync`) or an interval: 30s, 15m, 2h.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Share only these trackers with the peer (comma-separated names), or `all`.
+    #[arg(long, value_delimiter = ',')]
+    pub trackers: Option<Vec<String>>,
+    /// What the peer's changes may do to our items: create,update,delete, or `all`.
+    #[arg(long, value_delimiter = ',')]
+    pub allow: Option<Vec<String>>,
+}
+
+impl PeerSettings {
+    /// The settings given, as fields of a peer's JSON (`all` becomes `null`).
+    fn apply_to(self, body: &mut Json) {
+        for (key, value) in [
+            ("name", self.name),
+            ("mode", self.mode),
+            ("schedule", self.schedule),
+        ] {
+            if let Some(v) = value {
+                body[key] = json!(v);
+            }
+        }
+        for (key, list) in [("trackers", self.trackers), ("allow", self.allow)] {
+            match list {
+                Some(l) if l == ["all"] => body[key] = Json::Null,
+                Some(l) => body[key] = json!(l),
+                None => {}
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -738,11 +756,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
     match cmd {
         PeerCmd::Add {
             peer,
-            name,
-            mode,
-            schedule,
-            trackers,
-            allow,
+            settings,
             read_only,
             json,
         } => {
@@ -751,21 +765,7 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
             } else {
                 json!({"peer_id": peer})
             };
-            if let Some(n) = name {
-                body["name"] = json!(n);
-            }
-            if let Some(m) = mode {
-                body["mode"] = json!(m);
-            }
-            if let Some(s) = schedule {
-                body["schedule"] = json!(s);
-            }
-            if let Some(t) = trackers {
-                body["trackers"] = json!(t);
-            }
-            if let Some(a) = allow {
-                body["allow"] = json!(a);
-            }
+            settings.apply_to(&mut body);
             body["read_only"] = json!(read_only);
             let p = c.request(Method::POST, "/peers", Some(body)).await?;
             if json {
@@ -802,34 +802,12 @@ async fn peer_command(c: &Client, cmd: PeerCmd) -> Result<()> {
         }
         PeerCmd::Update {
             peer,
-            name,
-            mode,
-            schedule,
-            trackers,
-            allow,
+            settings,
             read_only,
             json,
         } => {
             let mut body = json!({});
-            if let Some(n) = name {
-                body["name"] = json!(n);
-            }
-            if let Some(m) = mode {
-                body["mode"] = json!(m);
-            }
-            if let Some(s) = schedule {
-                body["schedule"] = json!(s);
-            }
-            match trackers {
-                Some(t) if t == ["all"] => body["trackers"] = Json::Null,
-                Some(t) => body["trackers"] = json!(t),
-                None => {}
-            }
-            match allow {
-                Some(a) if a == ["all"] => body["allow"] = Json::Null,
-                Some(a) => body["allow"] = json!(a),
-                None => {}
-            }
+            settings.apply_to(&mut body);
             if let Some(r) = read_only {
                 body["read_only"] = json!(r);
             }

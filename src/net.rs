@@ -770,15 +770,7 @@ impl EventLoop {
         if self.connected.contains(&peer) {
             if policy_changed {
                 // Its checkpoint on us lapsed with the policy: have it pull now.
-                let req = pb::Request {
-                    version: wire::VERSION,
-                    body: Some(pb::request::Body::Notify(pb::Notify {
-                        seq: self.repo.store().last_seq(),
-                        run: false,
-                    })),
-                };
-                let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
-                self.outbound.insert(id, Outbound::Notify);
+                self.send_notify(peer, self.repo.store().last_seq(), false);
             }
             self.start_pull(peer);
         } else if !config.addrs.is_empty() {
@@ -942,13 +934,19 @@ impl EventLoop {
                 continue;
             }
             s.notify_in_flight = true;
-            let req = pb::Request {
-                version: wire::VERSION,
-                body: Some(pb::request::Body::Notify(pb::Notify { seq, run: false })),
-            };
-            let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
-            self.outbound.insert(id, Outbound::Notify);
+            self.send_notify(peer, seq, false);
         }
+    }
+
+    /// Tell a peer our feed reached `seq` (it pulls when it may); `run` asks it to pull now
+    /// whatever its schedule (a one-shot sync).
+    fn send_notify(&mut self, peer: PeerId, seq: u64, run: bool) {
+        let req = pb::Request {
+            version: wire::VERSION,
+            body: Some(pb::request::Body::Notify(pb::Notify { seq, run })),
+        };
+        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        self.outbound.insert(id, Outbound::Notify);
     }
 
     fn start_pull(&mut self, peer: PeerId) {
@@ -1166,15 +1164,7 @@ impl EventLoop {
             self.start_pull(peer);
         }
         if wants.1 {
-            let req = pb::Request {
-                version: wire::VERSION,
-                body: Some(pb::request::Body::Notify(pb::Notify {
-                    seq: self.repo.store().last_seq(),
-                    run: true,
-                })),
-            };
-            let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
-            self.outbound.insert(id, Outbound::Notify);
+            self.send_notify(peer, self.repo.store().last_seq(), true);
             if let Some(s) = self.peers.get_mut(&peer) {
                 s.notify_in_flight = true;
             }
