@@ -66,8 +66,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a peer dropped for misbehaving waits before we dial it again.
 const MISBEHAVIOUR_PAUSE: Duration = Duration::from_secs(30);
-/// Peer status counts waiting changes up to this many.
-const WAITING_COUNT_MAX: u64 = 100_000;
+/// Peer status counts waiting changes up to this many (each costs a metadata read, and
+/// status is polled): "1000" reads "1,000 or more".
+pub const WAITING_COUNT_MAX: u64 = 1_000;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(5);
 /// Documents whose stamps were too far ahead are retried after this long.
@@ -95,10 +96,17 @@ pub struct PeerStatus {
     /// When the peer last pulled our feed to its end (RFC 3339), since this node started.
     pub last_sent: Option<String>,
     /// Our changes the peer has not pulled yet (documents changed after what we last served
-    /// it; every document, before it first pulls).
+    /// it; every document, before it first pulls), counted up to [`WAITING_COUNT_MAX`].
     pub waiting: u64,
     /// Items merged so far in the pull under way (progress of a long sync), 0 when idle.
     pub receiving: u64,
+    /// What `waiting` is counted from (filled off the network loop).
+    #[serde(skip)]
+    served_seq: u64,
+    #[serde(skip)]
+    tag: u64,
+    #[serde(skip)]
+    shared: Option<std::collections::HashSet<Uuid>>,
     /// Per tracker shared with the peer: when it was last synced from the peer (a pull moves
     /// every shared tracker at once, so they share `last_sync`).
     pub last_sync_by_tracker: std::collections::BTreeMap<String, Option<String>>,
@@ -170,6 +178,7 @@ enum Command {
 #[derive(Clone)]
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
+    repo: Arc<Repo>,
 }
 
 impl NetHandle {
@@ -205,7 +214,21 @@ impl NetHandle {
     }
 
     pub async fn peers(&self) -> Vec<PeerStatus> {
-        self.ask(Command::Peers).await.unwrap_or_default()
+        let list = self.ask(Command::Peers).await.unwrap_or_default();
+        // Counting waiting changes reads the store: off the network loop.
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut list = list;
+            for p in &mut list {
+                p.waiting = repo
+                    .store()
+                    .feed_count_since(p.served_seq, WAITING_COUNT_MAX, p.tag, p.shared.as_ref())
+                    .unwrap_or(0);
+            }
+            list
+        })
+        .await
+        .unwrap_or_default()
     }
 
     pub async fn listen_addrs(&self) -> Vec<String> {
@@ -300,6 +323,7 @@ impl Net {
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let (work_tx, work_rx) = mpsc::channel(WORK_QUEUE);
         let changes = repo.watch_changes();
+        let handle_repo = repo.clone();
         let mut event_loop = EventLoop {
             swarm,
             repo,
@@ -325,7 +349,10 @@ impl Net {
                 .instrument(tracing::info_span!("net", %peer_id)),
         );
         Ok(Net {
-            handle: NetHandle { tx },
+            handle: NetHandle {
+                tx,
+                repo: handle_repo,
+            },
             task,
         })
     }
@@ -677,16 +704,10 @@ impl EventLoop {
                         last_sent: s
                             .last_sent
                             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-                        waiting: self
-                            .repo
-                            .store()
-                            .feed_count_since(
-                                s.served_seq,
-                                WAITING_COUNT_MAX,
-                                crate::store::peer_tag(&id.to_bytes()),
-                                shared[id].as_ref(),
-                            )
-                            .unwrap_or(0),
+                        waiting: 0,
+                        served_seq: s.served_seq,
+                        tag: crate::store::peer_tag(&id.to_bytes()),
+                        shared: shared.get(id).cloned().flatten(),
                         receiving: s.pulling.as_ref().map_or(0, |p| p.items),
                         last_sync_by_tracker: trackers
                             .iter()
