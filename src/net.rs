@@ -924,14 +924,13 @@ impl EventLoop {
         self.write_log(entry);
     }
 
+    /// Append to the sync log. Inline: a sled insert without a flush takes microseconds, and
+    /// an entry is then in place before the one-shot sync that produced it answers.
     fn write_log(&self, entry: crate::synclog::LogEntry) {
-        let repo = self.repo.clone();
-        tokio::task::spawn_blocking(move || {
-            let bytes = serde_json::to_vec(&entry).expect("log entry serializes");
-            if let Err(e) = repo.store().append_log(&bytes) {
-                tracing::error!(error = %e, "cannot write the sync log");
-            }
-        });
+        let bytes = serde_json::to_vec(&entry).expect("log entry serializes");
+        if let Err(e) = self.repo.store().append_log(&bytes) {
+            tracing::error!(error = %e, "cannot write the sync log");
+        }
     }
 
     fn notify_all(&mut self) {
