@@ -225,6 +225,16 @@ impl RunningNode {
         proc_cpu_s(self.pid())
     }
 
+    /// Whether a pull from the first peer has reached the end of its feed.
+    pub async fn caught_up(&self) -> Result<bool> {
+        Ok(self
+            .get("/peers")
+            .await?
+            .as_array()
+            .and_then(|p| p.first())
+            .is_some_and(|p| !p["last_sync"].is_null()))
+    }
+
     pub async fn post(&self, path: &str, body: &Json) -> Result<Json> {
         let res = self
             .http
@@ -642,14 +652,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
             .is_some_and(|p| p["connected"] == true))
     })
     .await?;
-    let confirmed = until(limit, "already-synced confirmation", || async {
-        Ok(b.get("/peers")
-            .await?
-            .as_array()
-            .and_then(|p| p.first())
-            .is_some_and(|p| !p["last_sync"].is_null()))
-    })
-    .await?;
+    let confirmed = until(limit, "already-synced confirmation", || b.caught_up()).await?;
     let bytes = (a.metric("trackersync_sync_bytes_sent").await - a_sent0)
         + (a.metric("trackersync_sync_bytes_received").await - a_in0);
     emit(
@@ -734,14 +737,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     let t0 = Instant::now();
     b.post("/peers", &json!({"addr": a_addr})).await?;
     a.post("/peers", &json!({"addr": b_addr})).await?;
-    until(limit, "first-contact reconciliation", || async {
-        Ok(b.get("/peers")
-            .await?
-            .as_array()
-            .and_then(|p| p.first())
-            .is_some_and(|p| !p["last_sync"].is_null()))
-    })
-    .await?;
+    until(limit, "first-contact reconciliation", || b.caught_up()).await?;
     let secs = t0.elapsed().as_secs_f64();
     let bytes = a.metric("trackersync_sync_bytes_sent").await
         + a.metric("trackersync_sync_bytes_received").await

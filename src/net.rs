@@ -855,16 +855,6 @@ impl EventLoop {
             return;
         };
         let entry = crate::synclog::LogEntry {
-            id: 0,
-            time: sess
-                .time
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            peer: peer.to_string(),
-            peer_name: s.config.name.clone(),
-            tracker: None,
-            mode: s.config.mode.clone(),
-            direction: direction.to_string(),
-            trigger: sess.trigger.to_string(),
             sent: if direction == "sent" { sess.items } else { 0 },
             received: if direction == "received" {
                 sess.items
@@ -887,6 +877,13 @@ impl EventLoop {
                 },
             },
             duration_ms: sess.started.elapsed().as_millis() as u64,
+            ..crate::synclog::LogEntry::new(
+                sess.time,
+                peer.to_string(),
+                &s.config,
+                direction,
+                sess.trigger,
+            )
         };
         self.write_log(entry);
     }
@@ -904,22 +901,16 @@ impl EventLoop {
         }
         s.refusal_logged = Some(Instant::now());
         let entry = crate::synclog::LogEntry {
-            id: 0,
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            peer: peer.to_string(),
-            peer_name: s.config.name.clone(),
-            tracker: None,
-            mode: s.config.mode.clone(),
-            direction: "received".into(),
-            trigger: "peer".into(),
-            sent: 0,
-            received: 0,
-            conflicts: 0,
             refused: 1,
             result: "refused".into(),
-            remote_error: false,
             message: "the peer is read-only here: its changes are not taken".into(),
-            duration_ms: 0,
+            ..crate::synclog::LogEntry::new(
+                chrono::Utc::now(),
+                peer.to_string(),
+                &s.config,
+                "received",
+                "peer",
+            )
         };
         self.write_log(entry);
     }
@@ -1252,14 +1243,7 @@ impl EventLoop {
                 summary.errors += r.error.is_some() as u64;
                 if let Some(s) = self.peers.get(&peer) {
                     self.write_log(crate::synclog::LogEntry {
-                        id: 0,
-                        time: m.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                        peer: r.peer.clone(),
-                        peer_name: s.config.name.clone(),
                         tracker: m.tracker.clone(),
-                        mode: s.config.mode.clone(),
-                        direction: "both".into(),
-                        trigger: "manual".into(),
                         sent: r.sent,
                         received: r.received,
                         conflicts: r.conflicts,
@@ -1273,6 +1257,13 @@ impl EventLoop {
                             format!("{} items sent, {} received", r.sent, r.received)
                         }),
                         duration_ms: summary.duration_ms,
+                        ..crate::synclog::LogEntry::new(
+                            m.time,
+                            r.peer.clone(),
+                            &s.config,
+                            "both",
+                            "manual",
+                        )
                     });
                 }
                 summary.peers.push(r);

@@ -39,3 +39,33 @@ pub struct LogEntry {
     pub message: String,
     pub duration_ms: u64,
 }
+
+impl LogEntry {
+    /// An entry for a session with `peer` started at `time`: no items, result `ok`.
+    pub fn new(
+        time: chrono::DateTime<chrono::Utc>,
+        peer: String,
+        config: &crate::peer::PeerConfig,
+        direction: &str,
+        trigger: &str,
+    ) -> LogEntry {
+        LogEntry {
+            id: 0,
+            time: time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            peer,
+            peer_name: config.name.clone(),
+            tracker: None,
+            mode: config.mode.clone(),
+            direction: direction.into(),
+            trigger: trigger.into(),
+            sent: 0,
+            received: 0,
+            conflicts: 0,
+            refused: 0,
+            result: "ok".into(),
+            remote_error: false,
+            message: String::new(),
+            duration_ms: 0,
+        }
+    }
+}
