@@ -54,6 +54,12 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// Bundles: export N items on a running node, import them into a fresh one (both through
+    /// the real CLI), then connect the pair after 1% changed and measure what sync moves.
+    Bundle {
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        items: Vec<u64>,
+    },
     /// Write the fuzz seed corpus (real wire messages and documents, plus mutations) to DIR.
     FuzzSeeds { dir: PathBuf },
     /// Two nodes over libp2p on loopback: initial sync, 1% catch-up after the receiver was
@@ -83,6 +89,12 @@ async fn main() -> Result<()> {
             source,
             threads,
         } => apply_bench(items, source, threads).await,
+        Cmd::Bundle { items } => {
+            for n in items {
+                bundle_bench(n).await?;
+            }
+            Ok(())
+        }
         Cmd::Sync { items, live } => {
             for n in items {
                 sync_bench(n, live).await?;
@@ -752,6 +764,106 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
 
 /// Item ids of the bench tracker, in creation order (= workload record order: seeding is
 /// concurrent, so order by case_id).
+/// Run the real CLI against a data directory; its stdout as JSON.
+async fn cli_json(dir: &Path, args: &[&str]) -> Result<Json> {
+    let out = Command::new(node_binary()?)
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "trackersync {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+async fn bundle_bench(n: u64) -> Result<()> {
+    let scratch = Scratch::new(&format!("bundle-{n}"))?;
+    let (a_dir, b_dir) = (scratch.0.join("a"), scratch.0.join("b"));
+    let file = scratch.0.join("seed.tsb");
+    seed_store(&a_dir, n).await?;
+    let a = RunningNode::start(&a_dir, &LISTEN).await?;
+    let t0 = Instant::now();
+    let header = cli_json(
+        &a_dir,
+        &["export", file.to_str().context("path")?, "--json"],
+    )
+    .await?;
+    let export_s = t0.elapsed().as_secs_f64();
+    let size = std::fs::metadata(&file)?.len();
+    emit(
+        json!({"bench": "bundle", "scenario": "export", "n": n, "seconds": export_s, "items_per_s": n as f64 / export_s,
+        "file_bytes": size, "bytes_per_item": size as f64 / n as f64, "items": header["item_docs"], "peak_rss_mb_a": a.rss_mb().1}),
+    );
+
+    // Seeding: a fresh node, started, imports the bundle.
+    let b = RunningNode::start(&b_dir, &LISTEN).await?;
+    let t0 = Instant::now();
+    let summary = cli_json(
+        &b_dir,
+        &["import", file.to_str().context("path")?, "--json"],
+    )
+    .await?;
+    let import_s = t0.elapsed().as_secs_f64();
+    if summary["merged"].as_u64() != Some(n + 1) {
+        bail!("import merged {} of {}", summary["merged"], n + 1);
+    }
+    emit(
+        json!({"bench": "bundle", "scenario": "import", "n": n, "seconds": import_s, "items_per_s": n as f64 / import_s,
+        "checkpoint": summary["checkpoint"], "peak_rss_mb_b": b.rss_mb().1}),
+    );
+    let t0 = Instant::now();
+    let again = cli_json(
+        &b_dir,
+        &["import", file.to_str().context("path")?, "--json"],
+    )
+    .await?;
+    emit(
+        json!({"bench": "bundle", "scenario": "import_again", "n": n, "seconds": t0.elapsed().as_secs_f64(),
+        "merged": again["merged"], "unchanged": again["unchanged"]}),
+    );
+
+    // Then 1% changes on A and the pair connects: sync moves only what changed after the export.
+    let ids = all_ids(&a, n).await?;
+    let edited = workload::catchup_indices(n, 1);
+    for &i in &edited {
+        let res = a
+            .http
+            .patch(format!("{}/api/v1/items/{}", a.base, ids[i as usize]))
+            .bearer_auth(&a.token)
+            .json(&json!({"fields": {"status": "closed"}}))
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("edit failed: {}", res.status());
+        }
+    }
+    let b_seq = b.metric("trackersync_change_seq").await;
+    let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
+    let t0 = Instant::now();
+    let (a_addr, b_addr) = (a.p2p_addr().await?, b.p2p_addr().await?);
+    a.post("/peers", &json!({"addr": b_addr})).await?;
+    b.post("/peers", &json!({"addr": a_addr})).await?;
+    let k = edited.len() as f64;
+    until(Duration::from_secs(600), "sync after seeding", || async {
+        Ok(b.metric("trackersync_change_seq").await >= b_seq + k)
+    })
+    .await?;
+    let secs = t0.elapsed().as_secs_f64();
+    emit(
+        json!({"bench": "bundle", "scenario": "sync_after_seed", "n": n, "changed": k, "seconds": secs,
+        "bytes_a_to_b": a.metric("trackersync_sync_bytes_sent").await - a_sent0,
+        "bytes_a_to_b_per_changed_item": (a.metric("trackersync_sync_bytes_sent").await - a_sent0) / k}),
+    );
+    b.stop().await;
+    a.stop().await;
+    Ok(())
+}
+
 async fn all_ids(node: &RunningNode, n: u64) -> Result<Vec<String>> {
     let mut ids = vec![String::new(); n as usize];
     let mut after: Option<String> = None;
@@ -883,6 +995,7 @@ fn fuzz_seeds(dir: &Path) -> Result<()> {
                 since: 3,
                 incarnation: vec![7; 16],
                 max_entries: 100,
+                ..Default::default()
             })),
         }
         .encode_to_vec(),

@@ -31,6 +31,16 @@ pub struct AppState {
     token: Arc<str>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
+    /// The export or import under way (one at a time), for progress in `status`.
+    pub bundle: Arc<BundleJob>,
+}
+
+#[derive(Default)]
+pub struct BundleJob {
+    pub op: std::sync::Mutex<Option<&'static str>>,
+    pub progress: crate::bundle::Progress,
+    /// Held for the whole export or import: bundles run one at a time.
+    pub running: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -46,6 +56,7 @@ impl AppState {
             token: token.into(),
             shutdown,
             metrics: Arc::new(Metrics::new()),
+            bundle: Arc::new(BundleJob::default()),
         }
     }
 
@@ -86,8 +97,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/sync", post(sync_now))
         .route("/log", get(sync_log))
-        .route("/export", post(not_yet))
-        .route("/import", post(not_yet))
+        .route("/export", post(export_bundle))
+        .route(
+            "/import",
+            post(import_bundle).layer(axum::extract::DefaultBodyLimit::max(
+                crate::config::MAX_BUNDLE_BYTES,
+            )),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -55,6 +55,51 @@ pub enum Command {
     /// Sync now with one peer (or every peer), whatever the schedule; prints a summary and
     /// exits non-zero if syncing with any peer failed.
     Sync(SyncArgs),
+    /// Write a bundle file (tracker schemas and items) to carry to another node without a
+    /// network: everything, some trackers, what changed after a checkpoint, or what a peer lacks.
+    Export(ExportArgs),
+    /// Apply a bundle file: verified whole first (a damaged file changes nothing), merged by
+    /// the same rules as network sync; importing it again changes nothing.
+    Import(ImportArgs),
+    /// Fetch a tracker (schema and every item) from a peer over the network, then keep it
+    /// synced per that peer's settings. The peer is a configured peer (PeerId or name) or a
+    /// multiaddr ending in /p2p/<PeerId>, added with a share policy of that tracker.
+    Clone(CloneArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The bundle file to write (replaced atomically).
+    pub file: PathBuf,
+    /// Only this tracker (name or id); repeat for more.
+    #[arg(long = "tracker")]
+    pub trackers: Vec<String>,
+    /// Only what changed after this checkpoint (the `last_seq` an earlier export printed).
+    #[arg(long, conflicts_with = "for_peer")]
+    pub since: Option<u64>,
+    /// Only what this peer (PeerId or name) lacks, as far as we know, within its share policy.
+    #[arg(long)]
+    pub for_peer: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The bundle file.
+    pub file: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    /// A configured peer (PeerId or name), or a multiaddr ending in /p2p/<PeerId>.
+    pub peer: String,
+    /// The tracker to fetch (name or id, as the peer knows it).
+    pub tracker: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -436,6 +481,9 @@ async fn client_command(c: &Client, cmd: Command) -> Result<()> {
         Command::Peer(p) => peer_command(c, p).await?,
         Command::Log(a) => log_command(c, a).await?,
         Command::Sync(a) => sync_command(c, a).await?,
+        Command::Export(a) => export_command(c, a).await?,
+        Command::Import(a) => import_command(c, a).await?,
+        Command::Clone(a) => clone_command(c, a).await?,
     }
     Ok(())
 }
@@ -971,8 +1019,47 @@ async fn log_command(c: &Client, a: LogArgs) -> Result<()> {
     Ok(())
 }
 
-async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
+/// A spinner with the elapsed time and the items received so far (from the peers' status)
+/// while `request` (a one-shot sync) runs, when someone is watching.
+async fn with_sync_spinner(
+    c: &Client,
+    label: &str,
+    request: impl std::future::Future<Output = Result<Json>>,
+) -> Result<Json> {
     use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return request.await;
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {label}… {{elapsed}} {{msg}}"
+        ))
+        .expect("valid template"),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    tokio::pin!(request);
+    let result = loop {
+        tokio::select! {
+            r = &mut request => break r,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                if let Ok(peers) = c.get("/peers").await {
+                    let n: u64 = peers
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["receiving"].as_u64())
+                        .sum();
+                    pb.set_message(format!("{n} items received"));
+                }
+            }
+        }
+    };
+    pb.finish_and_clear();
+    result
+}
+
+async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
     let mut body = json!({});
     if let Some(p) = &a.peer {
         body["peer"] = json!(p);
@@ -980,43 +1067,8 @@ async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
     if let Some(t) = &a.tracker {
         body["tracker"] = json!(t);
     }
-    // A spinner with the elapsed time while the node syncs, when someone is watching.
-    let spinner = std::io::stderr().is_terminal().then(|| {
-        let pb = indicatif::ProgressBar::new_spinner();
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} syncing… {elapsed} {msg}")
-                .expect("valid template"),
-        );
-        pb.enable_steady_tick(std::time::Duration::from_millis(120));
-        pb
-    });
     let request = c.request(Method::POST, "/sync", Some(body));
-    let result = match &spinner {
-        None => request.await,
-        Some(pb) => {
-            // Progress: items merged so far, from the peers' status, while the node syncs.
-            tokio::pin!(request);
-            loop {
-                tokio::select! {
-                    r = &mut request => break r,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
-                        if let Ok(peers) = c.get("/peers").await {
-                            let n: u64 = peers
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|p| p["receiving"].as_u64())
-                                .sum();
-                            pb.set_message(format!("{n} items received"));
-                        }
-                    }
-                }
-            }
-        }
-    };
-    if let Some(pb) = spinner {
-        pb.finish_and_clear();
-    }
+    let result = with_sync_spinner(c, "syncing", request).await;
     let summary = result?;
     if a.json {
         print_json(&summary);
@@ -1043,6 +1095,259 @@ async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
     let errors = summary["errors"].as_u64().unwrap_or(0);
     if errors > 0 {
         anyhow::bail!("sync failed with {errors} peer(s)");
+    }
+    Ok(())
+}
+
+/// A progress bar fed from the node's `status` while `request` runs (bundle jobs report
+/// `{"op", "done", "total"}` there); nothing when no one watches.
+async fn with_progress<T>(
+    c: &Client,
+    label: &str,
+    unit: &str,
+    request: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return request.await;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {label} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    tokio::pin!(request);
+    let result = loop {
+        tokio::select! {
+            r = &mut request => break r,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                if let Ok(s) = c.get("/status").await {
+                    if let (Some(done), Some(total)) =
+                        (s["bundle"]["done"].as_u64(), s["bundle"]["total"].as_u64())
+                    {
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    }
+                }
+            }
+        }
+    };
+    pb.finish_and_clear();
+    result
+}
+
+/// Write `bytes` to `path` atomically: a temporary file beside it, synced, then renamed.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+async fn export_command(c: &Client, a: ExportArgs) -> Result<()> {
+    let mut body = json!({});
+    if !a.trackers.is_empty() {
+        body["trackers"] = json!(a.trackers);
+    }
+    if let Some(s) = a.since {
+        body["since"] = json!(s);
+    }
+    if let Some(p) = &a.for_peer {
+        body["for_peer"] = json!(p);
+    }
+    let bytes = with_progress(
+        c,
+        "exporting",
+        "changes",
+        c.request_bytes(Method::POST, "/export", Some(body)),
+    )
+    .await?;
+    let header = crate::bundle::read_header(&bytes)
+        .context("the node sent a bundle that does not verify")?;
+    write_atomically(&a.file, &bytes)?;
+    if a.json {
+        let mut v = serde_json::to_value(&header).expect("header serializes");
+        v["file"] = json!(a.file);
+        v["bytes"] = json!(bytes.len());
+        print_json(&v);
+    } else {
+        println!(
+            "wrote {}: {} items, {} trackers ({}), {} bytes",
+            a.file.display(),
+            header.item_docs,
+            header.tracker_docs,
+            if header.trackers.is_empty() {
+                "-".to_string()
+            } else {
+                header.trackers.join(", ")
+            },
+            bytes.len()
+        );
+        println!(
+            "changes ({}, {}]; next: trackersync export FILE --since {}",
+            header.since, header.last_seq, header.last_seq
+        );
+    }
+    Ok(())
+}
+
+async fn import_command(c: &Client, a: ImportArgs) -> Result<()> {
+    let bytes = std::fs::read(&a.file)
+        .with_context(|| format!("cannot read the bundle {}", a.file.display()))?;
+    // Check it here first: a damaged file is refused without a round trip of its bytes.
+    crate::bundle::read_header(&bytes).with_context(|| format!("{} refused", a.file.display()))?;
+    let summary = with_progress(c, "importing", "documents", c.post_bytes("/import", bytes))
+        .await
+        .with_context(|| format!("{} refused", a.file.display()))?;
+    if a.json {
+        print_json(&summary);
+    } else {
+        println!(
+            "imported {} items, {} trackers from {}: {} merged ({} with conflicts), {} unchanged ({} ms)",
+            summary["items"],
+            summary["trackers"],
+            summary["peer_id"].as_str().unwrap_or(""),
+            summary["merged"],
+            summary["conflicts"],
+            summary["unchanged"],
+            summary["duration_ms"]
+        );
+        for (key, what) in [
+            (
+                "incomplete",
+                "lack earlier changes (import the earlier bundle first, or sync)",
+            ),
+            (
+                "deferred",
+                "are stamped too far ahead of this node's clock (import again later)",
+            ),
+            (
+                "not_allowed",
+                "were not taken (the peer's allowed operations or share policy)",
+            ),
+            ("refused", "failed validation"),
+        ] {
+            let n = summary[key].as_u64().unwrap_or(0);
+            if n > 0 {
+                println!("  {n} documents {what}");
+            }
+        }
+    }
+    let bad =
+        summary["refused"].as_u64().unwrap_or(0) + summary["incomplete"].as_u64().unwrap_or(0);
+    if bad > 0 {
+        bail!("{bad} documents of the bundle were not applied");
+    }
+    Ok(())
+}
+
+async fn clone_command(c: &Client, a: CloneArgs) -> Result<()> {
+    let peers = c.get("/peers").await?;
+    let from_addr = a.peer.parse::<Multiaddr>().ok().and_then(|m| {
+        m.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id.to_string()),
+            _ => None,
+        })
+    });
+    let known = peers.as_array().into_iter().flatten().find(|p| {
+        let id = p["peer_id"].as_str();
+        id == Some(a.peer.as_str())
+            || p["name"].as_str() == Some(a.peer.as_str())
+            || (from_addr.is_some() && id == from_addr.as_deref())
+    });
+    let peer_id = match known {
+        Some(p) => {
+            let id = p["peer_id"].as_str().unwrap_or_default().to_string();
+            // A share policy that leaves the tracker out would drop it: add it.
+            if let Some(list) = p["trackers"].as_array() {
+                if !list.iter().any(|t| t.as_str() == Some(a.tracker.as_str())) {
+                    let mut list = list.clone();
+                    list.push(json!(a.tracker));
+                    c.request(
+                        Method::PATCH,
+                        &format!("/peers/{}", enc(&id)),
+                        Some(json!({"trackers": list})),
+                    )
+                    .await?;
+                }
+            }
+            id
+        }
+        None if from_addr.is_some() => {
+            let p = c
+                .request(
+                    Method::POST,
+                    "/peers",
+                    Some(json!({"addr": a.peer, "trackers": [a.tracker]})),
+                )
+                .await?;
+            p["peer_id"].as_str().unwrap_or_default().to_string()
+        }
+        None => bail!(
+            "no peer {:?}: give its address (a multiaddr ending in /p2p/<PeerId>) or add it with `trackersync peer add`",
+            a.peer
+        ),
+    };
+    let request = c.request(Method::POST, "/sync", Some(json!({"peer": peer_id})));
+    let summary = with_sync_spinner(c, "cloning", request).await?;
+    if summary["errors"].as_u64().unwrap_or(0) > 0 {
+        let why = summary["peers"][0]["error"]
+            .as_str()
+            .unwrap_or("sync failed");
+        bail!("cloning {:?} from {peer_id} failed: {why}", a.tracker);
+    }
+    let tracker = c
+        .get(&format!("/trackers/{}", enc(&a.tracker)))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "peer {peer_id} sent no tracker {:?}: it has none by that name, or does not share it with this node",
+                a.tracker
+            )
+        })?;
+    let page = c
+        .get(&format!("/trackers/{}/items?limit=1", enc(&a.tracker)))
+        .await?;
+    if a.json {
+        print_json(&json!({
+            "peer": peer_id,
+            "tracker": tracker,
+            "received": summary["received"],
+            "duration_ms": summary["duration_ms"],
+        }));
+    } else {
+        println!(
+            "cloned tracker {} from {peer_id}: {} documents received ({} ms){}",
+            tracker["name"].as_str().unwrap_or(&a.tracker),
+            summary["received"],
+            summary["duration_ms"],
+            if page["items"].as_array().is_some_and(|i| i.is_empty()) {
+                "; it has no items"
+            } else {
+                ""
+            }
+        );
+        println!("it stays synced with the peer per its settings (`trackersync peer list`)");
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7420";
 pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/0";
 /// Largest request body the local API accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest bundle `POST /api/v1/import` accepts (a 100k-item tracker is about 60 MB).
+pub const MAX_BUNDLE_BYTES: usize = 2 * 1024 * 1024 * 1024 - 1;
 
 pub const FILE_NODE_ID: &str = "node-id";
 pub const FILE_IDENTITY: &str = "identity.key";

@@ -5,6 +5,7 @@
 //! ARCHITECTURE.md has the codemap and the invariants.
 
 pub mod api;
+pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod fuzzing;

@@ -12,7 +12,7 @@
 //! any request from it is refused. Removing a peer disconnects it at once.
 
 mod reconcile;
-mod wire;
+pub mod wire;
 
 /// Wire conversions, for the fuzz harness.
 pub fn wire_uuid(b: &[u8]) -> Result<Uuid, wire::WireError> {
@@ -172,6 +172,8 @@ enum Command {
     RemovePeer(String, oneshot::Sender<bool>),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     ListenAddrs(oneshot::Sender<Vec<String>>),
+    /// A bundle from this peer was imported: our checkpoint on its feed moved.
+    CheckpointMoved(PeerId, Uuid, u64),
 }
 
 /// Cloneable handle to the network loop.
@@ -229,6 +231,14 @@ impl NetHandle {
         })
         .await
         .unwrap_or_default()
+    }
+
+    /// A bundle import moved our checkpoint on `peer`'s feed: pull from there next.
+    pub async fn checkpoint_moved(&self, peer: PeerId, incarnation: Uuid, seq: u64) {
+        let _ = self
+            .tx
+            .send(Command::CheckpointMoved(peer, incarnation, seq))
+            .await;
     }
 
     pub async fn listen_addrs(&self) -> Vec<String> {
@@ -615,47 +625,17 @@ impl EventLoop {
         tracing::info!("network stopped");
     }
 
-    /// The trackers shared with a peer (its share policy, names or ids resolved against the
-    /// trackers we know now); `None` when it shares every tracker.
+    /// The trackers shared with a peer (see [`PeerConfig::shared`]); `None` when all are.
     fn shared(&self, peer: &PeerId) -> Option<std::collections::HashSet<Uuid>> {
-        let names = self.peers.get(peer)?.config.trackers.as_ref()?;
-        let trackers = self.repo.trackers();
-        Some(
-            names
-                .iter()
-                .filter_map(|n| {
-                    trackers
-                        .iter()
-                        .find(|t| &t.name == n || t.id.to_string() == *n)
-                        .map(|t| t.id)
-                })
-                .collect(),
-        )
+        self.peers.get(peer)?.config.shared(&self.repo.trackers())
     }
 
-    /// The store incarnation we present to a peer: with a share policy, it changes whenever
-    /// the policy does, so the peer's checkpoint lapses and it pulls again from the start
-    /// (back-filling a tracker that became shared).
+    /// The store incarnation we present to a peer (see [`PeerConfig::served_incarnation`]).
     fn served_incarnation(&self, peer: &PeerId) -> Uuid {
         let ours = self.repo.store().incarnation();
-        match self
-            .peers
+        self.peers
             .get(peer)
-            .and_then(|s| s.config.trackers.as_ref())
-        {
-            None => ours,
-            Some(list) => {
-                let mut list = list.clone();
-                list.sort();
-                let mut h = blake3::Hasher::new();
-                h.update(ours.as_bytes());
-                for t in &list {
-                    h.update(&(t.len() as u64).to_be_bytes());
-                    h.update(t.as_bytes());
-                }
-                Uuid::from_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
-            }
-        }
+            .map_or(ours, |s| s.config.served_incarnation(ours))
     }
 
     fn authorized(&self, peer: &PeerId) -> bool {
@@ -733,6 +713,23 @@ impl EventLoop {
             }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.listen_addrs.iter().map(|a| a.to_string()).collect());
+            }
+            Command::CheckpointMoved(peer, incarnation, seq) => {
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    let behind = match s.checkpoint {
+                        Some((inc, at)) => inc != incarnation || at < seq,
+                        None => true,
+                    };
+                    // Mid-pull, the pipeline's own checkpoint wins; the next pull after it
+                    // finds the bundle's documents unchanged.
+                    let idle =
+                        !s.pull_in_flight && !s.applying && s.queued.is_none() && s.recon.is_none();
+                    if behind && idle {
+                        s.checkpoint = Some((incarnation, seq));
+                        s.cursor = s.checkpoint;
+                        s.epoch += 1;
+                    }
+                }
             }
         }
     }
@@ -985,9 +982,10 @@ impl EventLoop {
                     s.cursor = Some((inc, seq));
                     (inc.as_bytes().to_vec(), seq)
                 }
-                Ok(None) if self.repo.store().last_seq() > 0 => {
+                Ok(None) if self.repo.store().last_seq() > 0 && s.config.trackers.is_none() => {
                     // First contact, and we hold documents already: reconcile by summaries
-                    // rather than pull everything the peer has.
+                    // rather than pull everything the peer has. (With a share policy we pull
+                    // instead: a pull is filtered by our policy, summaries are not.)
                     s.recon = Some(Recon {
                         at: None,
                         pending: vec![reconcile::IdRange::ALL],
@@ -1021,6 +1019,8 @@ impl EventLoop {
                 since,
                 incarnation,
                 max_entries: wire::PULL_MAX_ENTRIES as u32,
+                filtered: s.config.trackers.is_some(),
+                trackers: s.config.trackers.clone().unwrap_or_default(),
             })),
         };
         let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
@@ -1632,7 +1632,26 @@ impl EventLoop {
                 let repo = self.repo.clone();
                 let work = self.work_tx.clone();
                 let ours = self.served_incarnation(&peer);
-                let shared = self.shared(&peer);
+                let mut shared = self.shared(&peer);
+                // The requester's own share policy: serve only what it takes, so documents of
+                // a tracker it names but does not hold yet are not dropped on arrival.
+                if pull.filtered {
+                    if pull.trackers.len() > 1000 || pull.trackers.iter().any(|t| t.len() > 200) {
+                        let r = refused("a pull names at most 1000 trackers of 200 bytes");
+                        let _ = self.swarm.behaviour_mut().rr.send_response(channel, r);
+                        return;
+                    }
+                    let wanted = crate::peer::PeerConfig {
+                        trackers: Some(pull.trackers.clone()),
+                        ..crate::peer::PeerConfig::new(String::new())
+                    }
+                    .shared(&self.repo.trackers())
+                    .unwrap_or_default();
+                    shared = Some(match shared {
+                        None => wanted,
+                        Some(s) => s.intersection(&wanted).copied().collect(),
+                    });
+                }
                 // A checkpoint from another incarnation of our store means nothing: start over.
                 let since = if pull.incarnation == ours.as_bytes() {
                     pull.since
@@ -1643,6 +1662,12 @@ impl EventLoop {
                 let node = repo.node();
                 let requester = crate::store::peer_tag(&peer.to_bytes());
                 tokio::task::spawn_blocking(move || {
+                    // The peer holds our feed up to `since`: a bundle for it starts there.
+                    if since > 0 {
+                        if let Err(e) = repo.store().set_peer_has(&peer.to_bytes(), ours, since) {
+                            tracing::warn!(error = %e, "cannot record the peer's position");
+                        }
+                    }
                     let response = match repo.feed_shared(
                         since,
                         max,
@@ -1994,14 +2019,18 @@ impl EventLoop {
                     .map_err(|e| e.to_string())?;
                 // A share policy: items of other trackers are not taken (schemas always are:
                 // they carry no records, and a policy names trackers we may not hold yet).
+                // Items of a tracker we do not hold yet are kept: the peer filtered its pull
+                // by our policy's names, and the schema may come in a later page.
                 if let Some(names) = &policy {
-                    let shared: std::collections::HashSet<Uuid> = repo
-                        .trackers()
-                        .into_iter()
+                    let known = repo.trackers();
+                    let shared: std::collections::HashSet<Uuid> = known
+                        .iter()
                         .filter(|t| names.iter().any(|n| *n == t.name || *n == t.id.to_string()))
                         .map(|t| t.id)
                         .collect();
-                    items.retain(|d| shared.contains(&d.tracker));
+                    items.retain(|d| {
+                        shared.contains(&d.tracker) || !known.iter().any(|t| t.id == d.tracker)
+                    });
                 }
                 let half = items.split_off(items.len() / 2);
                 let (first, second) = std::thread::scope(|s| {

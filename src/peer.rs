@@ -103,6 +103,42 @@ impl PeerConfig {
         }
     }
 
+    /// The trackers shared with this peer, its share policy's names or ids resolved against
+    /// `known`; `None` when it shares every tracker.
+    pub fn shared(
+        &self,
+        known: &[crate::model::Tracker],
+    ) -> Option<std::collections::HashSet<uuid::Uuid>> {
+        let names = self.trackers.as_ref()?;
+        Some(
+            known
+                .iter()
+                .filter(|t| names.iter().any(|n| *n == t.name || *n == t.id.to_string()))
+                .map(|t| t.id)
+                .collect(),
+        )
+    }
+
+    /// The store incarnation we present to this peer: with a share policy, it changes
+    /// whenever the policy does, so the peer's checkpoint lapses and it pulls again from the
+    /// start (back-filling a tracker that became shared).
+    pub fn served_incarnation(&self, ours: uuid::Uuid) -> uuid::Uuid {
+        match &self.trackers {
+            None => ours,
+            Some(list) => {
+                let mut list = list.clone();
+                list.sort();
+                let mut h = blake3::Hasher::new();
+                h.update(ours.as_bytes());
+                for t in &list {
+                    h.update(&(t.len() as u64).to_be_bytes());
+                    h.update(t.as_bytes());
+                }
+                uuid::Uuid::from_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
+            }
+        }
+    }
+
     /// Whether changes move as they happen (otherwise only on schedule or on request).
     pub fn continuous(&self) -> bool {
         self.schedule == "continuous"

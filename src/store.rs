@@ -17,6 +17,7 @@
 //! | `D` display id | item id |
 //! | `K` peer id (bytes) | checkpoint on that peer's feed: its incarnation (16 B), seq u64 BE |
 //! | `P` peer id (text) | peer configuration (JSON) |
+//! | `V` peer id (bytes) | that peer's known position on our feed: incarnation (16 B), seq |
 //!
 //! Snapshot and chunks are separate keys so a torn or corrupt chunk never costs the snapshot.
 //!
@@ -60,6 +61,9 @@ const P_LAST_RUN: u8 = b'R';
 /// Losing values a user has reviewed (the conflict inbox's acknowledgements), by item:
 /// a JSON array of [field, loser stamp]. Local to this node; never synced.
 const P_ACK: u8 = b'A';
+/// What a peer is known to hold of our feed (from its pulls and its bundles), by peer: the
+/// incarnation we present to it (16 B) and seq u64 BE. Where `export --for-peer` starts.
+const P_PEER_HAS: u8 = b'V';
 
 /// Sync log entries kept (the log rotates).
 pub const LOG_MAX_ENTRIES: u64 = 10_000;
@@ -241,6 +245,16 @@ fn decode_chunk(v: &[u8]) -> (u64, &[u8]) {
         ),
         _ => (0, v),
     }
+}
+
+/// (incarnation, seq) as stored under `K` and `V`.
+fn decode_position(v: &[u8]) -> Option<(Uuid, u64)> {
+    (v.len() == 24).then(|| {
+        (
+            Uuid::from_bytes(v[..16].try_into().expect("16 bytes")),
+            u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")),
+        )
+    })
 }
 
 /// Proof that a batch was applied; pass it to [`Store::wait_durable`].
@@ -704,6 +718,33 @@ impl Store {
         skip_source: u64,
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
+        self.feed_page(since, max_entries, max_bytes, skip_source, shared, false)
+    }
+
+    /// [`Store::feed_since_shared`] for a bundle, whose reader cannot ask for what is missing:
+    /// from 0, each document whole (snapshot and every chunk); after a checkpoint, the chunks
+    /// written after it, plus the snapshot when it may hold changes made after it too (no
+    /// chunk predates the checkpoint, so the document may have been compacted since).
+    pub fn feed_for_bundle(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        skip_source: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+    ) -> Result<(Vec<FeedEntry>, u64, bool)> {
+        self.feed_page(since, max_entries, max_bytes, skip_source, shared, true)
+    }
+
+    fn feed_page(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        skip_source: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+        whole: bool,
+    ) -> Result<(Vec<FeedEntry>, u64, bool)> {
         let start = key(P_SEQ, &[&since.saturating_add(1).to_be_bytes()]);
         let end = key(P_SEQ, &[&u64::MAX.to_be_bytes()]);
         let mut out = Vec::new();
@@ -735,9 +776,16 @@ impl Store {
                 continue;
             };
             // A requester at checkpoint `since` got this document as of then: send only the
-            // chunks written after it. (If it missed some after all, it fetches with its heads.)
+            // chunks written after it (if it missed some after all, it fetches with its heads).
+            // One starting from nothing gets the whole document.
             let data = if doc.chunks.is_empty() {
                 doc.snapshot
+            } else if since == 0 || (whole && doc.chunk_seqs.iter().all(|&s| s > since)) {
+                let mut all = doc.snapshot;
+                for c in &doc.chunks {
+                    all.extend_from_slice(c);
+                }
+                all
             } else {
                 let newer: Vec<&Vec<u8>> = doc
                     .chunks
@@ -810,9 +858,40 @@ impl Store {
     /// becomes durable with the next flush (a lost one only costs a re-pull). Within one
     /// incarnation of the peer's store it never moves backwards, whatever order saves land in.
     pub fn set_checkpoint(&self, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
+        self.set_position(P_CHECKPOINT, peer, incarnation, seq)
+    }
+
+    /// Every checkpoint we hold on other nodes' feeds: (peer id bytes, incarnation, seq).
+    pub fn checkpoints(&self) -> Result<Vec<(Vec<u8>, Uuid, u64)>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix([P_CHECKPOINT]) {
+            let (k, v) = kv?;
+            if let Some((inc, seq)) = decode_position(&v) {
+                out.push((k[1..].to_vec(), inc, seq));
+            }
+        }
+        Ok(out)
+    }
+
+    /// What `peer` is known to hold of our feed: (the incarnation we presented, seq).
+    pub fn peer_has(&self, peer: &[u8]) -> Result<Option<(Uuid, u64)>> {
+        Ok(self
+            .db
+            .get(key(P_PEER_HAS, &[peer]))?
+            .and_then(|v| decode_position(&v)))
+    }
+
+    /// Record that `peer` holds our feed up to `seq` (it pulled from there, or told us in a
+    /// bundle). Never moves backwards within one incarnation; not flushed on its own (a lost
+    /// one only makes the next bundle for that peer larger).
+    pub fn set_peer_has(&self, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
+        self.set_position(P_PEER_HAS, peer, incarnation, seq)
+    }
+
+    fn set_position(&self, prefix: u8, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
         let v = [incarnation.as_bytes().as_slice(), &seq.to_be_bytes()].concat();
         self.db
-            .fetch_and_update(key(P_CHECKPOINT, &[peer]), |old| match old {
+            .fetch_and_update(key(prefix, &[peer]), |old| match old {
                 Some(o)
                     if o.len() == 24
                         && o[..16] == incarnation.as_bytes()[..]
@@ -1093,7 +1172,7 @@ mod tests {
     }
 
     #[test]
-    fn feed_sends_only_chunks_written_after_the_checkpoint() {
+    fn feed_sends_only_chunks_written_after_the_checkpoint_and_whole_documents_from_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let (id, t) = (Uuid::now_v7(), Uuid::now_v7());
@@ -1111,9 +1190,21 @@ mod tests {
             assert_eq!(last, 4);
             entries.into_iter().next().expect("the document").data
         };
-        assert_eq!(data(0), b"c1c2c3");
+        // From nothing: the whole document.
+        assert_eq!(data(0), b"s1c1c2c3");
+        assert_eq!(data(1), b"c1c2c3");
         assert_eq!(data(2), b"c2c3");
         assert_eq!(data(3), b"c3");
+        // A bundle's reader cannot ask for more: with no chunk at or before the checkpoint
+        // (the snapshot may be newer than it), the snapshot goes too.
+        let bundle = |since| {
+            let (entries, _, _) = store
+                .feed_for_bundle(since, 10, 1 << 20, 0, None)
+                .expect("feed");
+            entries.into_iter().next().expect("the document").data
+        };
+        assert_eq!(bundle(1), b"s1c1c2c3");
+        assert_eq!(bundle(2), b"c2c3");
         let d = store.load_doc(id).expect("load").expect("exists");
         assert_eq!(d.chunk_seqs, vec![2, 3, 4]);
     }

@@ -23,7 +23,8 @@ pub struct LogEntry {
     /// (a one-shot sync).
     pub direction: String,
     /// What started it: `continuous` (live sync), `scheduled`, `manual` (one-shot sync),
-    /// `reconcile` (first contact) or `peer` (the peer pulled our changes).
+    /// `reconcile` (first contact), `peer` (the peer pulled our changes) or `bundle` (a
+    /// bundle file imported from the peer, or exported for it).
     pub trigger: String,
     pub sent: u64,
     pub received: u64,

@@ -206,6 +206,26 @@ pub struct Status {
     pub peers: Vec<crate::net::PeerStatus>,
     pub clock: String,
     pub version: &'static str,
+    /// An export or import under way: `{"op", "done", "total"}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleProgress>,
+}
+
+#[derive(Serialize)]
+pub struct BundleProgress {
+    pub op: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExportIn {
+    /// Only these trackers (names or ids).
+    #[serde(default)]
+    pub trackers: Vec<String>,
+    pub since: Option<u64>,
+    pub for_peer: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -28,14 +28,6 @@ impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
-
-    pub fn not_implemented(what: &str) -> Self {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_implemented",
-            format!("{what} is not available in this version of trackersync yet"),
-        )
-    }
 }
 
 impl IntoResponse for ApiError {

@@ -41,6 +41,19 @@ pub async fn status(State(s): State<AppState>) -> ApiResult<Json<Status>> {
         peers,
         clock: clock.to_string(),
         version: env!("CARGO_PKG_VERSION"),
+        bundle: (*s.bundle.op.lock().expect("bundle op lock")).map(|op| BundleProgress {
+            op,
+            done: s
+                .bundle
+                .progress
+                .done
+                .load(std::sync::atomic::Ordering::Relaxed),
+            total: s
+                .bundle
+                .progress
+                .total
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }),
     }))
 }
 
@@ -514,8 +527,179 @@ pub async fn sync_log(
     Ok(Json(entries))
 }
 
-pub async fn not_yet(req: axum::extract::Request) -> ApiError {
-    ApiError::not_implemented(&format!("{} {}", req.method(), req.uri().path()))
+fn bundle_error(e: crate::bundle::BundleError) -> ApiError {
+    use crate::bundle::BundleError as E;
+    match e {
+        E::Repo(r) => r.into(),
+        E::Request(m) if m.starts_with("no peer ") => {
+            ApiError::new(StatusCode::NOT_FOUND, "peer_not_found", m)
+        }
+        E::Request(m) => ApiError::bad_request("invalid_export", m),
+        e => ApiError::bad_request("bad_bundle", e.to_string()),
+    }
+}
+
+/// Run an export or import as the one bundle job, its progress visible in `status`.
+async fn bundle_job<T: Send + 'static>(
+    s: &AppState,
+    op: &'static str,
+    f: impl FnOnce(
+            &crate::repo::Repo,
+            &crate::bundle::Progress,
+        ) -> Result<T, crate::bundle::BundleError>
+        + Send
+        + 'static,
+) -> ApiResult<T> {
+    let _one = s.bundle.running.lock().await;
+    *s.bundle.op.lock().expect("bundle op lock") = Some(op);
+    let (repo, job) = (s.repo.clone(), s.bundle.clone());
+    let result = tokio::task::spawn_blocking(move || f(&repo, &job.progress)).await;
+    *s.bundle.op.lock().expect("bundle op lock") = None;
+    result
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "bundle task failed",
+            )
+        })?
+        .map_err(bundle_error)
+}
+
+/// A bundle of this node's store: `{"trackers"?, "since"?, "for_peer"?}` -> the file's bytes.
+pub async fn export_bundle(
+    State(s): State<AppState>,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let body: ExportIn = if body.iter().all(u8::is_ascii_whitespace) {
+        ExportIn::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("export request: {e}")))?
+    };
+    let opts = crate::bundle::ExportOptions {
+        trackers: body.trackers,
+        since: body.since,
+        for_peer: body.for_peer,
+    };
+    let me = s.info.peer_id;
+    let (bytes, summary) = bundle_job(&s, "export", move |r, p| {
+        crate::bundle::export(r, &me, &opts, p)
+    })
+    .await?;
+    if let Some(peer) = summary.header.for_peer.clone() {
+        let mut entry = log_entry(&s, &peer, "sent").await;
+        entry.sent = summary.header.item_docs + summary.header.tracker_docs;
+        entry.duration_ms = summary.duration_ms;
+        entry.message = format!(
+            "bundle of {} bytes, feed up to {}",
+            summary.bytes, summary.header.last_seq
+        );
+        write_log(&s, entry).await;
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/vnd.trackersync.bundle",
+        )],
+        bytes,
+    ))
+}
+
+/// Apply a bundle (the request body) -> what it changed.
+pub async fn import_bundle(
+    State(s): State<AppState>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "a bundle is at most {} bytes",
+                    crate::config::MAX_BUNDLE_BYTES
+                ),
+            )
+        } else {
+            ApiError::bad_request("unreadable_body", e.body_text())
+        }
+    })?;
+    let me = s.info.peer_id;
+    let started = chrono::Utc::now();
+    let result = bundle_job(&s, "import", move |r, p| {
+        let bundle = crate::bundle::read(&body)?;
+        let incarnation = bundle.incarnation;
+        let summary = crate::bundle::import(r, &me, bundle, p)?;
+        Ok((summary, incarnation))
+    })
+    .await;
+    let (summary, incarnation) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e.message, "bundle refused");
+            return Err(e);
+        }
+    };
+    if let Ok(peer) = summary.peer_id.parse::<libp2p::PeerId>() {
+        if summary.checkpoint {
+            if let Some(net) = &s.info.net {
+                net.checkpoint_moved(peer, incarnation, summary.last_seq)
+                    .await;
+            }
+        }
+        let mut entry = log_entry(&s, &summary.peer_id, "received").await;
+        entry.time = started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        entry.received = summary.merged;
+        entry.conflicts = summary.conflicts;
+        entry.refused = summary.not_allowed;
+        entry.duration_ms = summary.duration_ms;
+        if summary.refused > 0 || summary.incomplete > 0 || summary.deferred > 0 {
+            entry.result = "error".into();
+            entry.remote_error = summary.refused > 0;
+        }
+        entry.message = format!(
+            "bundle: {} unchanged, {} incomplete, {} waiting for the clock, {} invalid",
+            summary.unchanged, summary.incomplete, summary.deferred, summary.refused
+        );
+        write_log(&s, entry).await;
+    }
+    Ok(Json(summary))
+}
+
+/// A sync log entry for a bundle session with `peer` (configured or not).
+async fn log_entry(s: &AppState, peer: &str, direction: &str) -> crate::synclog::LogEntry {
+    let (repo, id) = (s.repo.clone(), peer.to_string());
+    let config = tokio::task::spawn_blocking(move || {
+        repo.store()
+            .peers()
+            .ok()?
+            .iter()
+            .filter_map(|b| serde_json::from_slice::<PeerConfig>(b).ok())
+            .find(|c| c.peer_id == id)
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| PeerConfig::new(peer.to_string()));
+    crate::synclog::LogEntry::new(
+        chrono::Utc::now(),
+        peer.to_string(),
+        &config,
+        direction,
+        "bundle",
+    )
+}
+
+async fn write_log(s: &AppState, entry: crate::synclog::LogEntry) {
+    let repo = s.repo.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        let json = serde_json::to_vec(&entry).expect("log entries serialize");
+        if let Err(e) = repo.store().append_log(&json) {
+            tracing::error!(error = %e, "cannot write the sync log");
+        }
+    })
+    .await;
 }
 
 pub async fn not_found(req: axum::extract::Request) -> ApiError {

@@ -102,6 +102,67 @@ impl Client {
         Err(anyhow!("{message} ({status})"))
     }
 
+    /// A request whose answer is raw bytes (a bundle); errors as for [`Client::request`].
+    pub async fn request_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Json>,
+    ) -> Result<Vec<u8>> {
+        let mut req = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.context("the node did not answer")?;
+        let status = res.status();
+        let bytes = res
+            .bytes()
+            .await
+            .context("the node's answer was cut short")?;
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        let json: Json = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
+        let message = json["error"]["message"]
+            .as_str()
+            .unwrap_or("unexpected answer")
+            .to_string();
+        Err(anyhow!("{message} ({status})"))
+    }
+
+    /// POST raw bytes (a bundle); the answer is JSON.
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<Json> {
+        let res = self
+            .http
+            .post(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/vnd.trackersync.bundle",
+            )
+            .body(body)
+            .send()
+            .await
+            .context("the node did not answer")?;
+        let status = res.status();
+        let text = res
+            .text()
+            .await
+            .context("the node's answer was cut short")?;
+        let json: Json = serde_json::from_str(&text).unwrap_or(Json::String(text));
+        if status.is_success() {
+            return Ok(json);
+        }
+        let message = json["error"]["message"]
+            .as_str()
+            .unwrap_or("unexpected answer")
+            .to_string();
+        Err(anyhow!("{message} ({status})"))
+    }
+
     pub async fn get(&self, path: &str) -> Result<Json> {
         self.request(Method::GET, path, None).await
     }

@@ -297,7 +297,18 @@ impl Repo {
                     Ok(loaded.doc)
                 }
                 None => {
-                    let mut doc = AutoCommit::load(&remote.data).map_err(|e| e.to_string())?;
+                    let mut doc = match AutoCommit::load(&remote.data) {
+                        Ok(doc) => doc,
+                        // Increments of a document new to us lack their dependencies and do
+                        // not load on their own; queued in an empty document, they show as
+                        // incomplete below (and the whole document is fetched).
+                        Err(e) => {
+                            let mut doc = AutoCommit::new();
+                            doc.load_incremental(&remote.data)
+                                .map_err(|_| e.to_string())?;
+                            doc
+                        }
+                    };
                     doc.set_actor(actor_for(self.node));
                     Ok(doc)
                 }

@@ -348,9 +348,30 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         (
             Method::POST,
             "/api/v1/export".into(),
-            Some(json!({})),
-            501,
-            "not_implemented",
+            Some(json!({"tracker": "cases"})),
+            400,
+            "invalid_json",
+        ),
+        (
+            Method::POST,
+            "/api/v1/export".into(),
+            Some(json!({"trackers": ["nope"]})),
+            404,
+            "tracker_not_found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/export".into(),
+            Some(json!({"for_peer": "ghost"})),
+            404,
+            "peer_not_found",
+        ),
+        (
+            Method::POST,
+            "/api/v1/import".into(),
+            Some(json!({"not": "a bundle"})),
+            400,
+            "bad_bundle",
         ),
         (
             Method::GET,

@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod bundle;
 mod cli;
 mod crash;
 mod faults;
