@@ -60,6 +60,30 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "100000")]
         items: Vec<u64>,
     },
+    /// The issue-6 comparison: trackersync's sync and write benchmarks, then the peer
+    /// harnesses (automerge-repo, PouchDB) on the same workload, back to back in this run;
+    /// prints every figure and a table of ratios (trackersync time / peer time).
+    Compare {
+        /// Item counts (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        items: Vec<u64>,
+        /// Peer systems: `am` (automerge-repo), `pouch` (PouchDB); empty for none.
+        #[arg(long, default_value = "am,pouch")]
+        systems: String,
+        /// Wall-clock cap per peer run (seed and all scenarios), as the harness takes it.
+        #[arg(long, default_value_t = 600)]
+        cap_s: u64,
+        /// The peer harnesses (default: ../shared/bench-peers next to this repository). They
+        /// are copied to target/bench-peers and set up there on first use (npm registry).
+        #[arg(long)]
+        peers: Option<PathBuf>,
+        /// Live edits timed on our side.
+        #[arg(long, default_value_t = 1000)]
+        live: usize,
+        /// Seconds per API write throughput measurement.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Write the fuzz seed corpus (real wire messages and documents, plus mutations) to DIR.
     FuzzSeeds { dir: PathBuf },
     /// Two nodes over libp2p on loopback: initial sync, 1% catch-up after the receiver was
@@ -89,6 +113,14 @@ async fn main() -> Result<()> {
             source,
             threads,
         } => apply_bench(items, source, threads).await,
+        Cmd::Compare {
+            items,
+            systems,
+            cap_s,
+            peers,
+            live,
+            seconds,
+        } => compare(&items, &systems, cap_s, peers, live, seconds).await,
         Cmd::Bundle { items } => {
             for n in items {
                 bundle_bench(n).await?;
@@ -104,8 +136,12 @@ async fn main() -> Result<()> {
     }
 }
 
+/// Every figure printed so far (the comparison reads ours back from here).
+static EMITTED: std::sync::Mutex<Vec<Json>> = std::sync::Mutex::new(Vec::new());
+
 fn emit(v: Json) {
     println!("{v}");
+    EMITTED.lock().expect("emitted lock").push(v);
 }
 
 /// The `trackersync` binary next to this one (same target directory).
@@ -259,6 +295,19 @@ impl RunningNode {
             bail!("POST {path}: {}", res.status());
         }
         Ok(res.json().await?)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        let res = self
+            .http
+            .delete(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("DELETE {path}: {}", res.status());
+        }
+        Ok(())
     }
 
     pub async fn stop(mut self) {
@@ -608,29 +657,39 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
         "bytes_a_to_b": bytes, "peak_rss_mb_a": a.rss_mb().1, "peak_rss_mb_b": b.rss_mb().1}),
     );
 
-    // 2. Catch-up: B offline while 1% of items change on A (three fields each, as the peer
-    // harnesses do), then B restarts and catches up.
+    // 2. Catch-up online: the link drops (A revokes B, which closes the connection at once),
+    // 1% of items change on A (round 1: three fields each, as the peer harnesses do), the link
+    // returns (A authorizes B again and dials it): until B has them all.
+    let page_ids = all_ids(&a, n).await?;
+    let b_id = b.get("/status").await?["peer_id"]
+        .as_str()
+        .context("peer id")?
+        .to_string();
+    a.delete(&format!("/peers/{b_id}")).await?;
+    until(limit, "link down", || async {
+        Ok(b.get("/peers").await?[0]["connected"] == false)
+    })
+    .await?;
+    let b_seq = b.metric("trackersync_change_seq").await;
+    let (k, _) = edit_round(&a, &page_ids, n, 1).await?;
+    let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
+    let t0 = Instant::now();
+    a.post("/peers", &json!({"addr": b_addr})).await?;
+    until(limit, "online catch-up", || async {
+        Ok(b.metric("trackersync_change_seq").await >= b_seq + k)
+    })
+    .await?;
+    let secs = t0.elapsed().as_secs_f64();
+    emit(
+        json!({"bench": "sync", "scenario": "catch_up_online", "n": n, "items": k, "seconds": secs,
+        "items_per_s": k / secs, "bytes_a_to_b": a.metric("trackersync_sync_bytes_sent").await - a_sent0}),
+    );
+
+    // 3. Catch-up after a restart: B offline while 1% of items change on A (round 2), then B
+    // restarts and catches up.
     let b_seq = b.metric("trackersync_change_seq").await;
     b.stop().await;
-    let page_ids = all_ids(&a, n).await?;
-    let edited = workload::catchup_indices(n, 1);
-    let mut edit_bytes = 0usize;
-    for (round, &i) in edited.iter().enumerate() {
-        let body = json!({"fields": {"status": "closed", "last_updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "notes": format!("updated in round 1 (doc {i}, {round})")}});
-        edit_bytes += body.to_string().len();
-        let res = a
-            .http
-            .patch(format!("{}/api/v1/items/{}", a.base, page_ids[i as usize]))
-            .bearer_auth(&a.token)
-            .json(&body)
-            .send()
-            .await?;
-        if !res.status().is_success() {
-            bail!("edit failed: {}", res.status());
-        }
-    }
-    let k = edited.len() as f64;
+    let (k, edit_bytes) = edit_round(&a, &page_ids, n, 2).await?;
     let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
     let t0 = Instant::now();
     b = RunningNode::start(&b_dir, &LISTEN).await?;
@@ -649,7 +708,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
         "edit_json_bytes": edit_bytes, "peak_rss_mb_b": b.rss_mb().1}),
     );
 
-    // 3. Already synced: B restarts with nothing new; time until its first pull confirms.
+    // 4. Already synced: B restarts with nothing new; time until its first pull confirms.
     b.terminate().await?;
     let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
     let a_in0 = a.metric("trackersync_sync_bytes_received").await;
@@ -673,7 +732,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
         "bytes_both_ways": bytes}),
     );
 
-    // 4. Live latency: single-field edits on A, observed through B's event stream.
+    // 5. Live latency: single-field edits on A, observed through B's event stream.
     let target = page_ids[0].clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let res = b
@@ -723,7 +782,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     emit(
         json!({"bench": "sync", "scenario": "live_latency", "n": n, "edits": live, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lat[lat.len() - 1]}),
     );
-    // 5. First contact between nodes that already hold the same items: unpaired (checkpoints
+    // 6. First contact between nodes that already hold the same items: unpaired (checkpoints
     // forgotten) and paired again, they reconcile by range summaries.
     let (a_id, b_id) = (
         a.get("/status").await?["peer_id"].clone(),
@@ -762,8 +821,29 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     Ok(())
 }
 
-/// Item ids of the bench tracker, in creation order (= workload record order: seeding is
-/// concurrent, so order by case_id).
+/// The peer harnesses' 1% edit, round `round`: three fields of every edited record in one
+/// request each. Returns (records edited, JSON bytes sent).
+async fn edit_round(a: &RunningNode, ids: &[String], n: u64, round: u64) -> Result<(f64, usize)> {
+    let edited = workload::catchup_indices(n, round);
+    let mut edit_bytes = 0usize;
+    for &i in &edited {
+        let body = json!({"fields": {"status": "closed", "last_updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "notes": format!("updated in round {round} (doc {i})")}});
+        edit_bytes += body.to_string().len();
+        let res = a
+            .http
+            .patch(format!("{}/api/v1/items/{}", a.base, ids[i as usize]))
+            .bearer_auth(&a.token)
+            .json(&body)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("edit failed: {}", res.status());
+        }
+    }
+    Ok((edited.len() as f64, edit_bytes))
+}
+
 /// Run the real CLI against a data directory; its stdout as JSON.
 async fn cli_json(dir: &Path, args: &[&str]) -> Result<Json> {
     let out = Command::new(node_binary()?)
@@ -864,6 +944,8 @@ async fn bundle_bench(n: u64) -> Result<()> {
     Ok(())
 }
 
+/// Item ids of the bench tracker, in creation order (= workload record order: seeding is
+/// concurrent, so order by case_id).
 async fn all_ids(node: &RunningNode, n: u64) -> Result<Vec<String>> {
     let mut ids = vec![String::new(); n as usize];
     let mut after: Option<String> = None;
@@ -1069,5 +1151,238 @@ fn fuzz_seeds(dir: &Path) -> Result<()> {
     whole.extend_from_slice(&item_bytes);
     write(&doc_dir, &whole)?;
     println!("wrote {n} seeds under {}", dir.display());
+    Ok(())
+}
+
+/// Copy the peer harnesses to `target/bench-peers` (their own directory may be read-only;
+/// they are not modified), set them up there if needed, run them, and return their lines.
+async fn run_peers(src: &Path, systems: &str, items: &[u64], cap_s: u64) -> Result<Vec<Json>> {
+    let work = node_binary()?
+        .parent()
+        .and_then(Path::parent)
+        .context("target directory")?
+        .join("bench-peers");
+    std::fs::create_dir_all(&work)?;
+    for entry in
+        std::fs::read_dir(src).with_context(|| format!("peer harnesses in {}", src.display()))?
+    {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let to = work.join(entry.file_name());
+            let _ = std::fs::remove_file(&to);
+            std::fs::copy(entry.path(), &to)?;
+            let mut perm = std::fs::metadata(&to)?.permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(&to, perm)?;
+        }
+    }
+    if !work.join("node_modules").exists() {
+        eprintln!(
+            "setting up the peer harnesses in {} (npm install)",
+            work.display()
+        );
+        let ok = Command::new("bash")
+            .arg(work.join("setup.sh"))
+            .stdout(Stdio::inherit())
+            .status()
+            .await?
+            .success();
+        if !ok {
+            bail!("the peer harnesses' setup.sh failed (it needs node >= 20 and the npm registry)");
+        }
+    }
+    let out = std::env::temp_dir().join(format!("trackersync-compare-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let ns: Vec<String> = items.iter().map(u64::to_string).collect();
+    // The harness prints its own table; ours follows. Its exit status is 1 when a run ended in
+    // an error, which is a result to show, not a reason to stop.
+    let _ = Command::new("bash")
+        .arg(work.join("run.sh"))
+        .args([
+            "--systems",
+            systems,
+            "--n",
+            &ns.join(","),
+            "--reps",
+            "1",
+            "--cap-s",
+        ])
+        .arg(cap_s.to_string())
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::inherit())
+        .status()
+        .await?;
+    let text = std::fs::read_to_string(out.join("peers.jsonl")).unwrap_or_default();
+    let lines = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(lines)
+}
+
+async fn compare(
+    items: &[u64],
+    systems: &str,
+    cap_s: u64,
+    peers: Option<PathBuf>,
+    live: usize,
+    seconds: f64,
+) -> Result<()> {
+    let machine = json!({"bench": "machine", "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "started": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)});
+    emit(machine);
+    for &n in items {
+        sync_bench(n, live).await?;
+    }
+    local(seconds, &[], &[1, 8]).await?;
+    let src = peers
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench-peers"));
+    let theirs = if systems.trim().is_empty() {
+        Vec::new()
+    } else {
+        run_peers(&src, systems, items, cap_s).await?
+    };
+    let ours = EMITTED.lock().expect("emitted lock").clone();
+
+    // (label, our scenario, our key, their scenario, their key)
+    let rows: [(&str, &str, &str, &str, &str); 7] = [
+        (
+            "initial sync (s)",
+            "initial_sync",
+            "seconds",
+            "initial_sync",
+            "seconds",
+        ),
+        (
+            "catch-up online, 1% (s)",
+            "catch_up_online",
+            "seconds",
+            "catch_up_online",
+            "seconds",
+        ),
+        (
+            "catch-up after restart, 1% (s)",
+            "catch_up_restart",
+            "seconds_after_api_up",
+            "catch_up_restart",
+            "seconds",
+        ),
+        (
+            "  the same from process spawn (s)",
+            "catch_up_restart",
+            "seconds_from_spawn",
+            "catch_up_restart",
+            "seconds_from_spawn",
+        ),
+        (
+            "already-synced reconnect (s)",
+            "already_synced",
+            "seconds_from_spawn",
+            "",
+            "",
+        ),
+        (
+            "live edit p50 (ms)",
+            "live_latency",
+            "p50_ms",
+            "live_latency",
+            "p50_ms",
+        ),
+        (
+            "live edit p99 (ms)",
+            "live_latency",
+            "p99_ms",
+            "live_latency",
+            "p99_ms",
+        ),
+    ];
+    let ours_at = |scenario: &str, key: &str, n: u64| {
+        ours.iter()
+            .find(|v| v["bench"] == "sync" && v["scenario"] == scenario && v["n"] == n)
+            .and_then(|v| v[key].as_f64())
+    };
+    let theirs_at =
+        |system: &str, scenario: &str, key: &str, n: u64| -> Option<Result<f64, String>> {
+            if scenario.is_empty() {
+                return None;
+            }
+            let v = theirs
+                .iter()
+                .find(|v| v["system"] == system && v["scenario"] == scenario && v["n"] == n)?;
+            Some(match (v["status"].as_str(), v[key].as_f64()) {
+                (Some("ok"), Some(x)) => Ok(x),
+                (status, _) => Err(status.unwrap_or("missing").to_string()),
+            })
+        };
+    let fmt = |x: f64| {
+        if x >= 100.0 {
+            format!("{x:.0}")
+        } else if x >= 1.0 {
+            format!("{x:.2}")
+        } else {
+            format!("{x:.3}")
+        }
+    };
+    let mut table = vec![
+        "| scenario | N | trackersync | automerge-repo | PouchDB | trackersync / automerge-repo | trackersync / PouchDB |".to_string(),
+        "|---|---|---|---|---|---|---|".to_string(),
+    ];
+    for (label, our_s, our_k, their_s, their_k) in rows {
+        for &n in items {
+            let Some(us) = ours_at(our_s, our_k, n) else {
+                continue;
+            };
+            let mut cells = vec![fmt(us)];
+            let mut ratios = Vec::new();
+            for system in ["automerge-repo", "pouchdb"] {
+                match theirs_at(system, their_s, their_k, n) {
+                    None => {
+                        cells.push("–".into());
+                        ratios.push("–".into());
+                    }
+                    Some(Ok(x)) => {
+                        cells.push(fmt(x));
+                        let r = us / x;
+                        ratios.push(format!("{r:.3} ({:.1}x faster)", 1.0 / r));
+                        emit(
+                            json!({"bench": "compare", "scenario": our_s, "figure": label.trim(), "n": n,
+                            "trackersync": us, "peer": system, "peer_value": x, "ratio": r}),
+                        );
+                    }
+                    Some(Err(status)) => {
+                        cells.push(status.clone());
+                        ratios.push(format!("peer {status}"));
+                    }
+                }
+            }
+            table.push(format!(
+                "| {label} | {n} | {} | {} |",
+                cells.join(" | "),
+                ratios.join(" | ")
+            ));
+        }
+    }
+    for v in &ours {
+        if v["bench"] == "api_create" || v["bench"] == "api_edit" {
+            table.push(format!(
+                "| durable API {} /s, {} client(s) | – | {:.0} | – | – | – | – |",
+                if v["bench"] == "api_create" {
+                    "creates"
+                } else {
+                    "edits"
+                },
+                v["clients"],
+                v["per_s"].as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
+    println!();
+    for line in table {
+        println!("{line}");
+    }
     Ok(())
 }
