@@ -1083,7 +1083,10 @@ fn fuzz_seeds(dir: &Path) -> Result<()> {
         .encode_to_vec(),
         pb::Request {
             version: 1,
-            body: Some(pb::request::Body::Notify(pb::Notify { seq: 9, run: false })),
+            body: Some(pb::request::Body::Notify(pb::Notify {
+                seq: 9,
+                ..Default::default()
+            })),
         }
         .encode_to_vec(),
         pb::Request {

@@ -26,6 +26,8 @@ pub struct Metrics {
     disk_bytes: Gauge,
     sync_in: Gauge,
     sync_out: Gauge,
+    pulls: Gauge,
+    pushes: Gauge,
 }
 
 impl Default for Metrics {
@@ -77,7 +79,21 @@ impl Metrics {
             "Sync protocol bytes sent to peers",
             sync_out.clone(),
         );
+        let pulls = Gauge::default();
+        registry.register(
+            "sync_pulls_sent",
+            "Pull requests sent to peers",
+            pulls.clone(),
+        );
+        let pushes = Gauge::default();
+        registry.register(
+            "sync_pushes_taken",
+            "Live pushes from peers taken in place of a pull",
+            pushes.clone(),
+        );
         Metrics {
+            pulls,
+            pushes,
             sync_in,
             sync_out,
             registry,
@@ -111,6 +127,9 @@ impl Metrics {
         let (bytes_in, bytes_out) = crate::net::wire_bytes();
         self.sync_in.set(bytes_in as i64);
         self.sync_out.set(bytes_out as i64);
+        let (pulls, pushes) = crate::net::pull_counts();
+        self.pulls.set(pulls as i64);
+        self.pushes.set(pushes as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -33,6 +33,16 @@ pub fn wire_bytes() -> (u64, u64) {
     (wire::BYTES_IN.load(Relaxed), wire::BYTES_OUT.load(Relaxed))
 }
 
+/// Pull requests this process sent, and live pushes it took in place of a pull.
+static PULLS_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static PUSHES_TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// (pulls sent, pushes taken) since the process started.
+pub fn pull_counts() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (PULLS_SENT.load(Relaxed), PUSHES_TAKEN.load(Relaxed))
+}
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -411,6 +421,8 @@ struct PeerState {
     last_sync: Option<chrono::DateTime<chrono::Utc>>,
     /// Our feed as far as we served it to the peer, and when it last reached the end.
     served_seq: u64,
+    /// The peer's own share policy, from its last pull (what our pushes to it carry).
+    wanted: Option<Vec<String>>,
     last_sent: Option<chrono::DateTime<chrono::Utc>>,
     last_error: Option<String>,
 }
@@ -439,6 +451,7 @@ impl PeerState {
             checkpoint: None,
             last_sync: None,
             served_seq: 0,
+            wanted: None,
             last_sent: None,
             last_error: None,
         }
@@ -521,6 +534,10 @@ enum Outbound {
     Join,
 }
 
+/// A live push carries at most this many documents and bytes; more is left to a pull.
+const PUSH_MAX_ENTRIES: usize = 64;
+const PUSH_MAX_BYTES: usize = 256 * 1024;
+
 enum Work {
     Respond(ResponseChannel<pb::Response>, pb::Response),
     Applied(
@@ -532,6 +549,8 @@ enum Work {
     Compared(PeerId, u64, Result<reconcile::Outcome, wire::WireError>),
     /// We served a pull: entries sent, whether more follow, the page's last sequence number.
     Served(PeerId, u64, bool, u64),
+    /// A live push read from the feed: (peer, since, incarnation, entries, last seq, more).
+    Push(PeerId, u64, Uuid, Vec<RemoteDoc>, u64, bool),
 }
 
 struct EventLoop {
@@ -942,8 +961,118 @@ impl EventLoop {
                 continue;
             }
             s.notify_in_flight = true;
-            self.send_notify(peer, seq, false);
+            self.push_or_notify(peer, seq);
         }
+    }
+
+    /// Live sync: send a peer that pulled from us before what its next pull would get, with the
+    /// notify (it takes it as that pull's page when its cursor is where the push starts),
+    /// unless that is more than a small page; then a plain notify.
+    fn push_or_notify(&mut self, peer: PeerId, seq: u64) {
+        let Some(s) = self.peers.get(&peer) else {
+            return;
+        };
+        let since = s.served_seq;
+        if since == 0 {
+            return self.send_notify(peer, seq, false);
+        }
+        let incarnation = self.served_incarnation(&peer);
+        let mut shared = self.shared(&peer);
+        if let Some(names) = s.wanted.clone() {
+            let wanted = PeerConfig {
+                trackers: Some(names),
+                ..PeerConfig::new(String::new())
+            }
+            .shared(&self.repo.trackers())
+            .unwrap_or_default();
+            shared = Some(match shared {
+                None => wanted,
+                Some(s) => s.intersection(&wanted).copied().collect(),
+            });
+        }
+        let (repo, work) = (self.repo.clone(), self.work_tx.clone());
+        let tag = crate::store::peer_tag(&peer.to_bytes());
+        tokio::task::spawn_blocking(move || {
+            let push = match repo.feed_shared(
+                since,
+                PUSH_MAX_ENTRIES,
+                PUSH_MAX_BYTES,
+                tag,
+                shared.as_ref(),
+            ) {
+                Ok((docs, last, more)) => Work::Push(peer, since, incarnation, docs, last, more),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the change feed");
+                    Work::Push(peer, since, incarnation, Vec::new(), seq, true)
+                }
+            };
+            let _ = work.blocking_send(push);
+        });
+    }
+
+    /// A live push from a peer: taken as the page of the pull it saves when our cursor on the
+    /// peer's feed is exactly where it starts and no pull is under way. Returns false when
+    /// not taken (the caller pulls instead).
+    fn take_push(&mut self, peer: PeerId, notify: pb::Notify) -> bool {
+        let Some(s) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        if !notify.push
+            || !s.config.pulls()
+            || !(s.config.continuous() || s.run_active)
+            || s.pull_in_flight
+            || s.queued.is_some()
+            || s.recon.is_some()
+            || notify.seq < notify.since
+        {
+            return false;
+        }
+        let Ok(incarnation) = wire::uuid(&notify.incarnation, "incarnation") else {
+            return false;
+        };
+        if s.cursor != Some((incarnation, notify.since)) {
+            return false;
+        }
+        let mut docs = Vec::with_capacity(notify.entries.len());
+        for e in notify.entries {
+            match wire::doc_from_wire(e) {
+                Ok(d) if d.seq > notify.since && d.seq <= notify.seq => docs.push(d),
+                Ok(_) => {
+                    self.drop_peer(peer, "a pushed document lies outside the push's range");
+                    return true;
+                }
+                Err(e) => {
+                    self.drop_peer(peer, &e.to_string());
+                    return true;
+                }
+            }
+        }
+        let page = PullPage {
+            incarnation,
+            last_seq: notify.seq,
+            blocked_from: None,
+            started: Instant::now(),
+            received: docs.len(),
+            bytes: docs.iter().map(|d| d.data.len()).sum(),
+            seqs: docs.iter().map(|d| (d.id, d.seq)).collect(),
+            reconcile: false,
+        };
+        let trigger = if s.config.continuous() {
+            "continuous"
+        } else {
+            "scheduled"
+        };
+        s.pulling.get_or_insert_with(|| Session::new(trigger));
+        s.more = false;
+        s.cursor = Some((incarnation, notify.seq));
+        PUSHES_TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if s.applying {
+            s.queued = Some((page, docs));
+        } else {
+            s.applying = true;
+            self.apply(peer, page, docs, false);
+        }
+        true
     }
 
     /// Tell a peer our feed reached `seq` (it pulls when it may); `run` asks it to pull now
@@ -951,7 +1080,11 @@ impl EventLoop {
     fn send_notify(&mut self, peer: PeerId, seq: u64, run: bool) {
         let req = pb::Request {
             version: wire::VERSION,
-            body: Some(pb::request::Body::Notify(pb::Notify { seq, run })),
+            body: Some(pb::request::Body::Notify(pb::Notify {
+                seq,
+                run,
+                ..Default::default()
+            })),
         };
         let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
         self.outbound.insert(id, Outbound::Notify);
@@ -1024,6 +1157,7 @@ impl EventLoop {
             })),
         };
         let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        PULLS_SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.outbound
             .insert(id, Outbound::Pull(Instant::now(), epoch));
     }
@@ -1626,13 +1760,18 @@ impl EventLoop {
                     body: Some(pb::response::Body::Ack(pb::Ack {})),
                 };
                 let _ = self.swarm.behaviour_mut().rr.send_response(channel, ack);
-                self.start_pull(peer);
+                if !self.take_push(peer, notify) {
+                    self.start_pull(peer);
+                }
             }
             Some(pb::request::Body::Pull(pull)) if serves => {
                 let repo = self.repo.clone();
                 let work = self.work_tx.clone();
                 let ours = self.served_incarnation(&peer);
                 let mut shared = self.shared(&peer);
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    s.wanted = pull.filtered.then(|| pull.trackers.clone());
+                }
                 // The requester's own share policy: serve only what it takes, so documents of
                 // a tracker it names but does not hold yet are not dropped on arrival.
                 if pull.filtered {
@@ -2032,6 +2171,14 @@ impl EventLoop {
                         shared.contains(&d.tracker) || !known.iter().any(|t| t.id == d.tracker)
                     });
                 }
+                // A small page (live sync) is not worth a thread.
+                if items.len() < 32 {
+                    out.extend(
+                        repo.apply_remote_allowed(items, from, ops)
+                            .map_err(|e| e.to_string())?,
+                    );
+                    return Ok(out);
+                }
                 let half = items.split_off(items.len() / 2);
                 let (first, second) = std::thread::scope(|s| {
                     let h = s.spawn(|| repo.apply_remote_allowed(half, from, ops));
@@ -2052,6 +2199,36 @@ impl EventLoop {
 
     fn on_work(&mut self, work: Work) {
         match work {
+            Work::Push(peer, since, incarnation, docs, last, more) => {
+                if !self.connected.contains(&peer) {
+                    if let Some(s) = self.peers.get_mut(&peer) {
+                        s.notify_in_flight = false;
+                    }
+                    return;
+                }
+                let seq = self.repo.store().last_seq();
+                if more {
+                    return self.send_notify(peer, seq, false);
+                }
+                if let Some(s) = self.peers.get_mut(&peer) {
+                    // It has all of this once it takes the push; if it does not, it pulls from
+                    // where it is, and its pull tells us.
+                    s.served_seq = s.served_seq.max(last);
+                }
+                let req = pb::Request {
+                    version: wire::VERSION,
+                    body: Some(pb::request::Body::Notify(pb::Notify {
+                        seq: last,
+                        run: false,
+                        push: true,
+                        since,
+                        incarnation: incarnation.as_bytes().to_vec(),
+                        entries: docs.into_iter().map(wire::doc_to_wire).collect(),
+                    })),
+                };
+                let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+                self.outbound.insert(id, Outbound::Notify);
+            }
             Work::Served(peer, items, more, last_seq) => {
                 if let Some(s) = self.peers.get_mut(&peer) {
                     s.served_seq = s.served_seq.max(last_seq);

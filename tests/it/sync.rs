@@ -432,3 +432,59 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
         "re-pairing sent {resync} bytes; the full transfer was {full_transfer}"
     );
 }
+
+/// (pull requests sent, pushes taken) by a node.
+async fn counts(n: &TestNode) -> (f64, f64) {
+    (
+        n.metric("trackersync_sync_pulls_sent").await,
+        n.metric("trackersync_sync_pushes_taken").await,
+    )
+}
+
+/// Live edits travel as pushes: the receiver takes each change with the notify instead of
+/// pulling it (one round trip saved per change), and the echo of a change back to its
+/// sender is settled the same way, not by a pull.
+#[tokio::test]
+async fn live_changes_are_pushed_not_pulled() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    a.pair(&b).await;
+    a.cases_tracker().await;
+    let (_, item) = a
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": "Amina", "age": 0}}),
+        )
+        .await;
+    let id = item["id"].as_str().expect("id").to_string();
+    b.item_when(&id, |_| true).await;
+    let (a0, b0) = (counts(&a).await, counts(&b).await);
+    const EDITS: u64 = 20;
+    for age in 1..=EDITS {
+        let (s, e) = a
+            .patch(
+                &format!("/api/v1/items/{id}"),
+                json!({"fields": {"age": age}}),
+            )
+            .await;
+        assert_eq!(s, 200, "{e}");
+        b.item_when(&id, |i| i["fields"]["age"] == age).await;
+    }
+    let (a1, b1) = (counts(&a).await, counts(&b).await);
+    let half = EDITS as f64 / 2.0;
+    assert!(
+        b1.1 - b0.1 >= half,
+        "b took {} pushes for {EDITS} edits",
+        b1.1 - b0.1
+    );
+    assert!(
+        b1.0 - b0.0 < half,
+        "b pulled {} times for {EDITS} edits",
+        b1.0 - b0.0
+    );
+    assert!(
+        a1.0 - a0.0 < half,
+        "a pulled {} times for the echoes of {EDITS} edits",
+        a1.0 - a0.0
+    );
+}
