@@ -1350,7 +1350,11 @@ async fn compare(
                     Some(Ok(x)) => {
                         cells.push(fmt(x));
                         let r = us / x;
-                        ratios.push(format!("{r:.3} ({:.1}x faster)", 1.0 / r));
+                        ratios.push(if r <= 1.0 {
+                            format!("{r:.3} ({:.1}x faster)", 1.0 / r)
+                        } else {
+                            format!("{r:.3} ({r:.1}x slower)")
+                        });
                         emit(
                             json!({"bench": "compare", "scenario": our_s, "figure": label.trim(), "n": n,
                             "trackersync": us, "peer": system, "peer_value": x, "ratio": r}),
