@@ -392,7 +392,7 @@ async fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
     config.mdns = !args.no_mdns;
     config.join_key = args.join_key.filter(|k| !k.is_empty());
     config.clock_offset_ms = args.clock_offset_ms;
-    let node = Node::start(config).await?;
+    let mut node = Node::start(config.clone()).await?;
     println!(
         "trackersync node {} (peer {})",
         node.info().node,
@@ -404,8 +404,25 @@ async fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         data.join(config::FILE_API_TOKEN).display()
     );
     println!("data: {}", data.display());
-    wait_for_signal().await;
-    node.shutdown().await
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => return node.shutdown().await,
+            _ = node.store_recoverable() => {}
+        }
+        // The store failed (disk full) and there is room again: sled only recovers by
+        // reopening, so restart the node on the same store and the same addresses.
+        tracing::warn!("storage takes writes again: reopening the store");
+        let (api, p2p) = node.listening().await;
+        config.api_addr = api;
+        if !p2p.is_empty() {
+            config.listen = p2p;
+        }
+        if let Err(e) = node.shutdown().await {
+            tracing::warn!(error = %e, "final flush of the failed store");
+        }
+        node = Node::start(config.clone()).await?;
+        tracing::info!("store reopened; writes are accepted again");
+    }
 }
 
 async fn wait_for_signal() {

@@ -23,6 +23,10 @@ pub const FILE_IDENTITY: &str = "identity.key";
 pub const FILE_API_TOKEN: &str = "api-token";
 pub const FILE_API_ADDR: &str = "api-addr";
 pub const DIR_DB: &str = "db";
+/// Space set aside in the data directory: sled cannot even open a store on a full disk, so
+/// a node that finds its disk full at start-up releases this file to open.
+pub const FILE_RESERVE: &str = "reserve";
+pub const RESERVE_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct Config {

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api;
-use crate::config::{Config, Identity, DIR_DB, FILE_API_ADDR};
+use crate::config::{Config, Identity, DIR_DB, FILE_API_ADDR, FILE_RESERVE, RESERVE_BYTES};
 use crate::hlc::{Clock, NodeId, SystemClock};
 use crate::net::{Net, NetHandle};
 use crate::repo::Repo;
@@ -47,10 +47,24 @@ impl Node {
         let identity = Identity::init(&config.data_dir)?;
         let db = config.data_dir.join(DIR_DB);
         let (node, drift) = (identity.node, config.max_drift_ms);
-        let repo = tokio::task::spawn_blocking(move || Repo::open(&db, node, clock, drift))
-            .await
-            .context("store open task failed")?
-            .map_err(|e| match e {
+        let reserve = config.data_dir.join(FILE_RESERVE);
+        let repo = tokio::task::spawn_blocking(move || {
+            match Repo::open(&db, node, clock.clone(), drift) {
+                Err(e) if is_disk_full(&e) && reserve.exists() => {
+                    // sled cannot open on a full disk: give it the space set aside.
+                    tracing::warn!(
+                        "the disk is full: releasing the {} MiB reserve to open the store; free some space",
+                        RESERVE_BYTES >> 20
+                    );
+                    let _ = std::fs::remove_file(&reserve);
+                    Repo::open(&db, node, clock, drift)
+                }
+                r => r,
+            }
+        })
+        .await
+        .context("store open task failed")?
+        .map_err(|e| match e {
                 crate::repo::RepoError::Store(crate::store::StoreError::Sled(sled::Error::Io(
                     io,
                 ))) if io.kind() == std::io::ErrorKind::WouldBlock
@@ -64,6 +78,8 @@ impl Node {
                 e => anyhow::Error::new(e).context("cannot open the store"),
             })?;
         let repo = Arc::new(repo);
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || ensure_reserve(&dir));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let peer_id = identity.keypair.public().to_peer_id();
         let net = if config.listen.is_empty() {
@@ -144,6 +160,40 @@ impl Node {
         &self.repo
     }
 
+    /// Resolves once the store has failed (a flush hit a full disk or an I/O error; sled
+    /// then refuses writes until reopened) and the data directory takes writes again: the
+    /// caller restarts the node on the same store.
+    pub async fn store_recoverable(&self) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if !self.repo.store().failed() {
+                continue;
+            }
+            let dir = self.config.data_dir.clone();
+            let room = tokio::task::spawn_blocking(move || probe_space(&dir))
+                .await
+                .unwrap_or(false);
+            if room {
+                return;
+            }
+        }
+    }
+
+    /// The addresses this node listens on now (to restart it on the same ones).
+    pub async fn listening(&self) -> (SocketAddr, Vec<libp2p::Multiaddr>) {
+        let p2p = match &self.info.net {
+            Some(net) => net
+                .listen_addrs()
+                .await
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            None => Vec::new(),
+        };
+        (self.api_addr, p2p)
+    }
+
     /// Stop the API (open event streams end), then flush the store.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.shutdown.send(true);
@@ -163,4 +213,40 @@ impl Node {
         tracing::info!("node stopped");
         Ok(())
     }
+}
+
+fn is_disk_full(e: &crate::repo::RepoError) -> bool {
+    matches!(
+        e,
+        crate::repo::RepoError::Store(crate::store::StoreError::Sled(sled::Error::Io(io)))
+            if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28)
+    )
+}
+
+/// Set space aside for the next start on a full disk, unless it is already there (or there
+/// is no room for it now: then it is tried again at the next start).
+fn ensure_reserve(dir: &std::path::Path) {
+    let path = dir.join(FILE_RESERVE);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() as usize == RESERVE_BYTES) {
+        return;
+    }
+    if let Err(e) = write_zeros(&path, RESERVE_BYTES) {
+        let _ = std::fs::remove_file(&path);
+        tracing::warn!(error = %e, "cannot set aside the disk reserve; a full disk may keep the node from starting");
+    }
+}
+
+/// Whether the data directory takes writes again: room for half the reserve.
+fn probe_space(dir: &std::path::Path) -> bool {
+    let probe = dir.join(".space-probe");
+    let ok = write_zeros(&probe, RESERVE_BYTES / 2).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+fn write_zeros(path: &std::path::Path, n: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(&vec![0u8; n])?;
+    f.sync_all()
 }

@@ -83,7 +83,7 @@ pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
     #[error(
-        "storage is unavailable: the last flush failed ({0}); writes are refused until it succeeds"
+        "storage is unavailable: the last flush failed ({0}); writes are refused until there is room again (the node reopens its store by itself then); reads still work"
     )]
     FlushFailed(String),
     #[error("corrupt record under key {key}: {what}")]
@@ -324,6 +324,9 @@ pub struct Store {
     /// Next sync log entry number.
     log_next: AtomicU64,
     flushes: AtomicU64,
+    /// A flush failed with an I/O error. sled 0.34 keeps failing after one (its error is
+    /// sticky) until the store is reopened.
+    io_failed: std::sync::atomic::AtomicBool,
     /// Document digests by id, for set reconciliation; built on first use, then kept current
     /// by every commit.
     digests: Mutex<Option<BTreeMap<Uuid, u128>>>,
@@ -408,6 +411,7 @@ impl Store {
             display_next: AtomicU64::new(display_next),
             log_next: AtomicU64::new(log_next),
             flushes: AtomicU64::new(0),
+            io_failed: std::sync::atomic::AtomicBool::new(false),
             digests: Mutex::new(None),
         })
     }
@@ -433,6 +437,12 @@ impl Store {
     /// Last assigned change sequence number (0 if none).
     pub fn last_seq(&self) -> u64 {
         self.commit.lock().expect("commit lock").next_seq - 1
+    }
+
+    /// Whether a flush failed (disk full, I/O error): the store refuses writes until it is
+    /// reopened (see `Node::store_recoverable`).
+    pub fn failed(&self) -> bool {
+        self.io_failed.load(Ordering::SeqCst)
     }
 
     pub fn flush_count(&self) -> u64 {
@@ -658,6 +668,7 @@ impl Store {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "store flush failed");
+                        self.io_failed.store(true, Ordering::SeqCst);
                         st.last_error = Some(e.to_string());
                         return Err(StoreError::FlushFailed(e.to_string()));
                     }

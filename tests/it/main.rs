@@ -7,6 +7,7 @@ mod api;
 mod bundle;
 mod cli;
 mod crash;
+mod disk;
 mod faults;
 mod hostile;
 mod manage;
