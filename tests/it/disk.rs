@@ -10,8 +10,8 @@ use serde_json::{json, Value as Json};
 
 use crate::support::{eventually, TestNode};
 
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf, tempfile::TempDir);
+/// A tmpfs mounted for the test, unmounted when dropped (before its parent directory goes).
+struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl Tmpfs {
     fn mount(bytes: u64) -> Tmpfs {
