@@ -12,4 +12,5 @@ mod faults;
 mod hostile;
 mod manage;
 mod mdns;
+mod sim;
 mod sync;
