@@ -358,6 +358,7 @@ impl Net {
             discovered: HashMap::new(),
             join_key: join_key.map(|k| blake3::derive_key(JOIN_CONTEXT, k.as_bytes())),
             manual: Vec::new(),
+            unauthorized: (0, None),
         };
         // Dial every known peer at start-up.
         let now = Instant::now();
@@ -569,6 +570,8 @@ struct EventLoop {
     /// Key derived from the deployment's join key: peers proving it are authorized.
     join_key: Option<[u8; 32]>,
     manual: Vec<ManualSync>,
+    /// Connections from unauthorized peers closed since the last warning, and when it was.
+    unauthorized: (u64, Option<Instant>),
 }
 
 /// BLAKE3 key-derivation context for join keys (fixed forever: changing it splits deployments).
@@ -1509,7 +1512,21 @@ impl EventLoop {
                 }
                 if !self.authorized(&peer_id) {
                     if self.join_key.is_none() {
-                        tracing::warn!(peer = %peer_id, addr = %endpoint.get_remote_address(), "closing connection from an unauthorized peer");
+                        // Logged once a minute at most: a flood of dials must not flood the log.
+                        self.unauthorized.0 += 1;
+                        if self
+                            .unauthorized
+                            .1
+                            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                        {
+                            tracing::warn!(
+                                peer = %peer_id,
+                                addr = %endpoint.get_remote_address(),
+                                connections = self.unauthorized.0,
+                                "closing connections from unauthorized peers (this one, and the count since the last such line)"
+                            );
+                            self.unauthorized = (0, Some(Instant::now()));
+                        }
                         let _ = self.swarm.disconnect_peer_id(peer_id);
                     }
                     return;

@@ -132,7 +132,7 @@ impl Repo {
 
     /// Merge documents from a peer. Each is validated and merged on its own (one bad
     /// document never blocks the others); the merged ones are committed in batches of up to
-    /// [`APPLY_BATCH`] and one durable wait covers them all. `from` is the sender's peer tag.
+    /// [`APPLY_BATCH`], each durable before its documents are released to readers. `from` is the sender's peer tag.
     pub fn apply_remote(
         &self,
         docs: Vec<RemoteDoc>,
@@ -151,7 +151,7 @@ impl Repo {
     ) -> Result<Vec<(Uuid, u64, Applied)>> {
         let _writing = self.store.begin_write();
         let mut out = Vec::with_capacity(docs.len());
-        let mut last_ticket = None;
+        let mut committed = false;
         let mut events = Vec::new();
         let mut docs = docs.into_iter().peekable();
         while docs.peek().is_some() {
@@ -197,12 +197,20 @@ impl Repo {
             if !writes.is_empty() {
                 match self.store.commit_batch(writes) {
                     Ok((ticket, metas)) => {
+                        // Durable before the slots are released: a reader never sees a
+                        // received document a crash could still take away.
+                        if let Err(e) = self.store.wait_durable(ticket) {
+                            for n in written {
+                                *guards[n] = None;
+                            }
+                            return Err(e.into());
+                        }
                         for (n, meta) in written.into_iter().zip(metas) {
                             if let Some(loaded) = guards[n].as_mut() {
                                 loaded.meta = Some(meta);
                             }
                         }
-                        last_ticket = Some(ticket);
+                        committed = true;
                         for n in uncache {
                             *guards[n] = None;
                         }
@@ -222,8 +230,7 @@ impl Repo {
                 self.refresh_tracker(id)?;
             }
         }
-        if let Some(t) = last_ticket {
-            self.store.wait_durable(t)?;
+        if committed {
             self.signal_change();
         }
         for ev in events {

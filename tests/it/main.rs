@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod disk;
 mod faults;
+mod flood;
 mod hostile;
 mod manage;
 mod mdns;
