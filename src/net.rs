@@ -837,11 +837,34 @@ impl EventLoop {
             }
             if self.connected.contains(&peer) {
                 self.start_pull(peer);
-            } else if let Err(e) = self.swarm.dial(peer) {
+            } else if let Err(e) = self.dial_peer(peer) {
                 tracing::debug!(%peer, error = %e, "dial failed");
                 self.backoff(peer, &e.to_string());
             }
         }
+    }
+
+    /// Dial a configured peer at its configured (and learned) addresses. Not the swarm's
+    /// address cache alone: libp2p drops an address from it on every failed dial, so a peer
+    /// that was unreachable once would never be dialed again.
+    fn dial_peer(&mut self, peer: PeerId) -> Result<(), libp2p::swarm::DialError> {
+        let addrs: Vec<Multiaddr> = self
+            .peers
+            .get(&peer)
+            .map(|s| {
+                s.config
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.swarm.dial(
+            libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .build(),
+        )
     }
 
     fn backoff(&mut self, peer: PeerId, error: &str) {
@@ -1237,7 +1260,7 @@ impl EventLoop {
         for peer in targets {
             if self.connected.contains(&peer) {
                 self.manual_kick(peer);
-            } else if let Err(e) = self.swarm.dial(peer) {
+            } else if let Err(e) = self.dial_peer(peer) {
                 self.manual_error(peer, &format!("cannot dial: {e}"));
             }
         }
@@ -1286,7 +1309,7 @@ impl EventLoop {
             if self.connected.contains(&peer) {
                 self.start_pull(peer);
                 self.notify_all();
-            } else if let Err(e) = self.swarm.dial(peer) {
+            } else if let Err(e) = self.dial_peer(peer) {
                 self.backoff(peer, &e.to_string());
             }
         }
@@ -1595,7 +1618,7 @@ impl EventLoop {
                             self.persist_peer(peer);
                         }
                         if !self.connected.contains(&peer) {
-                            let _ = self.swarm.dial(peer);
+                            let _ = self.dial_peer(peer);
                         }
                     }
                 }

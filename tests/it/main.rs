@@ -13,5 +13,6 @@ mod flood;
 mod hostile;
 mod manage;
 mod mdns;
+mod partition;
 mod sim;
 mod sync;

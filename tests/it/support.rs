@@ -50,14 +50,34 @@ impl TestNode {
     }
 
     pub async fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> TestNode {
+        TestNode::start_wrapped(&[], dir, "127.0.0.1:0", listen, extra).await
+    }
+
+    /// Start `trackersync serve` behind `wrapper` (e.g. `ip netns exec NS`), with its API on
+    /// `api`.
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        dir: &Path,
+        api: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> TestNode {
         let addr_file = dir.join("api-addr");
         // A node killed with SIGKILL leaves its api-addr behind; wait for the new one.
         let _ = std::fs::remove_file(&addr_file);
-        let child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args([
                 "serve",
                 "--api",
-                "127.0.0.1:0",
+                api,
                 "--no-mdns",
                 "--listen",
                 listen,
