@@ -259,14 +259,14 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
     for s in &slots {
         ids.push(s.node.as_ref().expect("up").peer_id().await);
     }
-    for i in 0..nodes {
-        for j in 0..nodes {
+    for (i, slot) in slots.iter().enumerate() {
+        for (j, id) in ids.iter().enumerate() {
             if i != j {
-                let (s, e) = slots[i]
+                let (s, e) = slot
                     .node
                     .as_ref()
                     .expect("up")
-                    .post("/api/v1/peers", json!({"addr": addr(j, &ids[j])}))
+                    .post("/api/v1/peers", json!({"addr": addr(j, id)}))
                     .await;
                 assert_eq!(s, 201, "{e}");
             }
