@@ -409,6 +409,8 @@ struct PeerState {
     next_run: Option<Instant>,
     /// When a read-only refusal was last logged.
     refusal_logged: Option<Instant>,
+    /// When the peer's clock skew (changes deferred) was last logged.
+    skew_logged: Option<Instant>,
     /// The session pulling this peer's changes, and the one serving it ours.
     pulling: Option<Session>,
     serving: Option<Session>,
@@ -443,6 +445,7 @@ impl PeerState {
             run_active: false,
             next_run: None,
             refusal_logged: None,
+            skew_logged: None,
             pulling: None,
             serving: None,
             notify_in_flight: false,
@@ -952,6 +955,39 @@ impl EventLoop {
                 &s.config,
                 "received",
                 "peer",
+            )
+        };
+        self.write_log(entry);
+    }
+
+    /// A peer sent changes stamped further ahead of our clock than the allowed drift: they
+    /// wait (nothing else does). Flag it in the peer's status and, once a minute at most,
+    /// in the sync log.
+    fn flag_clock_skew(&mut self, peer: PeerId, why: &str) {
+        let Some(s) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        s.last_error = Some(format!(
+            "clock skew: its changes are stamped ahead of our clock and wait until our clock reaches them ({why})"
+        ));
+        if s.skew_logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        s.skew_logged = Some(Instant::now());
+        let entry = crate::synclog::LogEntry {
+            result: "error".into(),
+            remote_error: true,
+            message: format!(
+                "clock skew: the peer's changes are stamped too far ahead and wait ({why})"
+            ),
+            ..crate::synclog::LogEntry::new(
+                chrono::Utc::now(),
+                peer.to_string(),
+                &s.config,
+                "received",
+                "continuous",
             )
         };
         self.write_log(entry);
@@ -2378,6 +2414,7 @@ impl EventLoop {
                         Applied::Deferred(why) => {
                             tracing::warn!(%peer, doc = %id, reason = %why, "document deferred");
                             block(&mut page);
+                            self.flag_clock_skew(peer, &why);
                         }
                         Applied::Refused(why) => {
                             block(&mut page);

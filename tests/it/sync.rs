@@ -354,6 +354,26 @@ async fn future_stamped_changes_wait_and_nothing_else_stalls() {
         now["fields"].get("status").is_none(),
         "a future-stamped edit was applied early: {now}"
     );
+    // The skewed peer is flagged in a's status and sync log.
+    let ahead_id = ahead.peer_id().await;
+    let (_, peers) = a.get("/api/v1/peers").await;
+    let flagged = peers
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["peer_id"] == ahead_id.as_str()))
+        .expect("the skewed peer in a's list");
+    assert!(
+        flagged["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("clock skew")),
+        "{flagged}"
+    );
+    let (_, log) = a.get(&format!("/api/v1/log?peer={ahead_id}")).await;
+    assert!(
+        log.as_array().is_some_and(|l| l.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("clock skew")))),
+        "{log}"
+    );
 }
 
 /// Two nodes that already hold most of the same items but share no checkpoint (they were
