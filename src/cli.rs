@@ -227,6 +227,7 @@ pub struct ServeArgs {
         long,
         env = "TRACKERSYNC_CLOCK_OFFSET_MS",
         default_value_t = 0,
+        allow_negative_numbers = true,
         hide = true
     )]
     pub clock_offset_ms: i64,
@@ -420,7 +421,19 @@ async fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
         if let Err(e) = node.shutdown().await {
             tracing::warn!(error = %e, "final flush of the failed store");
         }
-        node = Node::start(config.clone()).await?;
+        // Work still finishing on the old store (a request on the blocking pool) holds its
+        // lock for a moment: retry while it says "in use".
+        let mut attempt = 0;
+        node = loop {
+            match Node::start(config.clone()).await {
+                Ok(n) => break n,
+                Err(e) if attempt < 300 && e.to_string().contains("in use") => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         tracing::info!("store reopened; writes are accepted again");
     }
 }

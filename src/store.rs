@@ -86,6 +86,10 @@ pub enum StoreError {
         "storage is unavailable: the last flush failed ({0}); writes are refused until there is room again (the node reopens its store by itself then); reads still work"
     )]
     FlushFailed(String),
+    #[error(
+        "storage is unavailable: a write failed ({0}); writes are refused until there is room again (the node reopens its store by itself then); reads still work"
+    )]
+    WriteFailed(String),
     #[error("corrupt record under key {key}: {what}")]
     Corrupt { key: String, what: &'static str },
 }
@@ -532,7 +536,14 @@ impl Store {
         if (next.live_items, next.trackers, next.display) != before {
             batch.insert(META_STATE, next.encode());
         }
-        self.db.apply_batch(batch)?;
+        if let Err(e) = self.db.apply_batch(batch) {
+            // An I/O error here (a full disk) is as sticky as a failed flush.
+            if matches!(e, sled::Error::Io(_)) {
+                self.io_failed.store(true, Ordering::SeqCst);
+                return Err(StoreError::WriteFailed(e.to_string()));
+            }
+            return Err(e.into());
+        }
         if let Some(index) = self.digests.lock().expect("digests lock").as_mut() {
             for (id, meta) in &staged {
                 index.insert(*id, doc_digest(*id, &meta.heads));

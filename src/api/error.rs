@@ -56,7 +56,7 @@ impl From<RepoError> for ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_value")
             }
             RepoError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            RepoError::Store(StoreError::FlushFailed(_)) => {
+            RepoError::Store(StoreError::FlushFailed(_) | StoreError::WriteFailed(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
             }
             RepoError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_error"),

@@ -86,12 +86,20 @@ impl TestNode {
             .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
-            // TRACKERSYNC_TEST_LOGS=1 keeps each node's log in its data dir (node.log).
-            .stderr(if std::env::var_os("TRACKERSYNC_TEST_LOGS").is_some() {
+            // TRACKERSYNC_TEST_LOGS=1 keeps each node's log in its data dir (node.log);
+            // TRACKERSYNC_TEST_LOGS=DIR puts it in DIR instead (for data dirs on a tmpfs the
+            // test fills up).
+            .stderr(if let Some(v) = std::env::var_os("TRACKERSYNC_TEST_LOGS") {
+                let file = match std::path::Path::new(&v) {
+                    p if p.is_dir() => {
+                        p.join(format!("{}.log", dir.to_string_lossy().replace('/', "_")))
+                    }
+                    _ => dir.join("node.log"),
+                };
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(dir.join("node.log"))
+                    .open(file)
                     .map(Stdio::from)
                     .unwrap_or_else(|_| Stdio::null())
             } else {

@@ -508,3 +508,82 @@ async fn live_changes_are_pushed_not_pulled() {
         a1.0 - a0.0
     );
 }
+
+/// Clocks skewed within the drift bound (seconds and minutes either way): causally ordered
+/// writes still get increasing stamps on every node (no HLC goes backwards, even on a node
+/// whose clock is minutes behind), each write wins over the one it saw, and all nodes end on
+/// the same winner. A node decades ahead is beyond the bound: its change waits everywhere.
+#[tokio::test]
+async fn skewed_clocks_within_the_bound_converge_on_the_latest_write() {
+    // Pairwise at most 260 s apart: within the 5-minute drift bound.
+    let skews = ["2000", "-60000", "200000"];
+    let mut nodes = Vec::new();
+    for s in skews {
+        nodes.push(TestNode::start_args(&["--clock-offset-ms", s]).await);
+    }
+    for i in 0..nodes.len() {
+        for j in i + 1..nodes.len() {
+            nodes[i].pair(&nodes[j]).await;
+        }
+    }
+    nodes[0].cases_tracker().await;
+    let (_, item) = nodes[0]
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": "skewed"}}),
+        )
+        .await;
+    let id = item["id"].as_str().expect("id").to_string();
+    let mut last = item["updated"].as_str().expect("stamp").to_string();
+    for round in 0..9 {
+        let writer = &nodes[round % nodes.len()];
+        writer
+            .item_when(&id, |i| i["updated"] == last.as_str())
+            .await;
+        let (s, edited) = writer
+            .patch(
+                &format!("/api/v1/items/{id}"),
+                json!({"fields": {"age": round}}),
+            )
+            .await;
+        assert_eq!(s, 200, "{edited}");
+        let stamp = edited["updated"].as_str().expect("stamp").to_string();
+        assert!(
+            stamp > last,
+            "round {round}: stamp {stamp} is not after the write it saw ({last})"
+        );
+        last = stamp;
+    }
+    for n in &nodes {
+        n.item_when(&id, |i| {
+            i["fields"]["age"] == 8 && i["updated"] == last.as_str()
+        })
+        .await;
+    }
+
+    // Decades ahead: beyond the drift bound, its change is not applied.
+    let far = TestNode::start_args(&["--clock-offset-ms", "946080000000"]).await;
+    nodes[0].pair(&far).await;
+    far.item_when(&id, |i| i["fields"]["age"] == 8).await;
+    let (s, _) = far
+        .patch(
+            &format!("/api/v1/items/{id}"),
+            json!({"fields": {"status": "closed"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let far_id = far.peer_id().await;
+    crate::support::eventually("the far-ahead peer flagged", || async {
+        let (_, peers) = nodes[0].get("/api/v1/peers").await;
+        peers.as_array()?.iter().find(|p| {
+            p["peer_id"] == far_id.as_str()
+                && p["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("clock skew"))
+        })?;
+        Some(())
+    })
+    .await;
+    let (_, now) = nodes[0].get(&format!("/api/v1/items/{id}")).await;
+    assert!(now["fields"].get("status").is_none(), "{now}");
+}
