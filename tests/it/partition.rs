@@ -5,7 +5,9 @@
 //! acknowledged write is on every node, no value nobody wrote, identical items everywhere,
 //! and every field equals the acknowledged write with the highest (HLC, node). The seed is
 //! printed; `TRACKERSYNC_SEED` replays a run. Short tier: 3 nodes, 2,000 operations; the
-//! long tier is `TRACKERSYNC_PARTITION_NODES=5 TRACKERSYNC_PARTITION_OPS=100000`.
+//! long tier is `TRACKERSYNC_PARTITION_NODES=5 TRACKERSYNC_PARTITION_OPS=100000`, and the
+//! soak `TRACKERSYNC_SOAK_SECS=1800` (steady load and partitions, no kills; each node's RSS,
+//! descriptors and disk sampled every 10 s; descriptors and memory must stay flat).
 //!
 //! (`tc netem` is not in this kernel, so there is no packet loss or added latency here;
 //! links go down and up instead.)
@@ -228,6 +230,9 @@ struct Write {
 async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
     let nodes = env("TRACKERSYNC_PARTITION_NODES", 3);
     let ops = env("TRACKERSYNC_PARTITION_OPS", 2000);
+    // Soak: run for this many seconds instead (steady load, partitions, no kills), sampling
+    // each node's memory, descriptors and disk.
+    let soak = env("TRACKERSYNC_SOAK_SECS", 0);
     let seed: u64 = std::env::var("TRACKERSYNC_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -294,11 +299,32 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
     let mut acked: Vec<Write> = Vec::new();
     let mut down = vec![false; nodes];
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
-    for op in 0..ops {
+    let started = Instant::now();
+    let mut samples: Vec<Vec<(f64, u64, usize, u64)>> = vec![Vec::new(); nodes];
+    let mut next_sample = Instant::now();
+    let mut op = 0;
+    loop {
+        if soak == 0 && op >= ops {
+            break;
+        }
+        if soak > 0 {
+            if started.elapsed().as_secs() as usize >= soak {
+                break;
+            }
+            if Instant::now() >= next_sample {
+                next_sample += std::time::Duration::from_secs(10);
+                for (k, slot) in slots.iter().enumerate() {
+                    if let Some(n) = slot.node.as_ref() {
+                        samples[k].push(sample(n, &slot.dir, started));
+                    }
+                }
+            }
+        }
+        op += 1;
         let i = rng.random_range(0..nodes);
         let roll = rng.random_range(0..1000);
         let up = slots.iter().filter(|s| s.node.is_some()).count();
-        if roll < 8 && up > 1 && slots[i].node.is_some() {
+        if soak == 0 && roll < 8 && up > 1 && slots[i].node.is_some() {
             slots[i].node.take().expect("up").kill().await;
             *faults.entry("kill").or_default() += 1;
         } else if roll < 20 && slots[i].node.is_none() {
@@ -317,7 +343,8 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
             }
             *faults.entry("heal").or_default() += 1;
         } else if let Some(n) = slots[i].node.as_ref() {
-            if items.len() < 8 && (items.is_empty() || rng.random_bool(0.05)) {
+            let max_items = if soak > 0 { 500 } else { 8 };
+            if items.len() < max_items && (items.is_empty() || rng.random_bool(0.05)) {
                 let value = rng.random_range(0..1000);
                 let (s, item) = n
                     .post("/api/v1/trackers/f/items", json!({"fields": {"a": value}}))
@@ -369,10 +396,13 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         }
     }
     println!(
-        "{ops} operations, {} acknowledged writes, faults {faults:?}; healing",
+        "{op} operations, {} acknowledged writes, faults {faults:?}; healing",
         acked.len()
     );
-    assert!(acked.len() > ops / 4, "the workload wrote");
+    assert!(acked.len() > op / 4, "the workload wrote");
+    if soak > 0 {
+        soak_report(&samples);
+    }
 
     // Expected per (item, field): the acknowledged write with the highest stamp (stamps are
     // strings that sort in (HLC, node) order).
@@ -448,5 +478,84 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
                 );
             }
         }
+    }
+}
+
+/// (minutes since start, RSS KiB, open descriptors, bytes in the data directory) of a node.
+fn sample(n: &TestNode, dir: &std::path::Path, started: Instant) -> (f64, u64, usize, u64) {
+    let pid = n.child.id().expect("pid");
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    fn size(p: &std::path::Path) -> u64 {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => size(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    (started.elapsed().as_secs_f64() / 60.0, rss, fds, size(dir))
+}
+
+/// Print each node's samples after warm-up (the first fifth) with the RSS slope, and check
+/// that descriptors stay flat and memory does not keep growing.
+fn soak_report(samples: &[Vec<(f64, u64, usize, u64)>]) {
+    for (k, s) in samples.iter().enumerate() {
+        let warm: Vec<_> = s.iter().skip(s.len() / 5).collect();
+        if warm.len() < 3 {
+            continue;
+        }
+        let n = warm.len() as f64;
+        let (mx, my) = (
+            warm.iter().map(|x| x.0).sum::<f64>() / n,
+            warm.iter().map(|x| x.1 as f64 / 1024.0).sum::<f64>() / n,
+        );
+        let slope = warm
+            .iter()
+            .map(|x| (x.0 - mx) * (x.1 as f64 / 1024.0 - my))
+            .sum::<f64>()
+            / warm
+                .iter()
+                .map(|x| (x.0 - mx).powi(2))
+                .sum::<f64>()
+                .max(1e-9);
+        let fds: Vec<usize> = warm.iter().map(|x| x.2).collect();
+        let (lo, hi) = (
+            *fds.iter().min().expect("samples"),
+            *fds.iter().max().expect("samples"),
+        );
+        let first = warm.first().expect("samples");
+        let last = warm.last().expect("samples");
+        println!(
+            "soak node {k}: RSS {} -> {} MiB (slope {slope:.2} MiB/min), fds {lo}..{hi}, disk {} -> {} MB",
+            first.1 / 1024,
+            last.1 / 1024,
+            first.3 / 1_000_000,
+            last.3 / 1_000_000
+        );
+        assert!(
+            hi - lo <= 64,
+            "node {k}: open descriptors grew from {lo} to {hi}"
+        );
+        assert!(
+            (last.1 as f64) < 2.0 * first.1 as f64 + 64.0 * 1024.0,
+            "node {k}: memory grew from {} to {} KiB",
+            first.1,
+            last.1
+        );
     }
 }
