@@ -245,14 +245,7 @@ pub fn export(
                     DocKind::Item => item_docs += 1,
                 }
                 tracker_ids.insert(e.meta.tracker);
-                frame.entries.push(wire::doc_to_wire(RemoteDoc {
-                    id: e.id,
-                    kind: e.meta.kind,
-                    tracker: e.meta.tracker,
-                    heads: e.meta.heads,
-                    data: e.data,
-                    seq: e.seq,
-                }));
+                frame.entries.push(wire::doc_to_wire(RemoteDoc::from(e)));
             }
             let bytes = frame.encode_to_vec();
             body.extend_from_slice(&(bytes.len() as u32).to_be_bytes());

@@ -85,21 +85,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let res = req.send().await.context("the node did not answer")?;
-        let status = res.status();
-        let text = res
-            .text()
-            .await
-            .context("the node's answer was cut short")?;
-        let json: Json = serde_json::from_str(&text).unwrap_or(Json::String(text));
-        if status.is_success() {
-            return Ok(json);
-        }
-        let message = json["error"]["message"]
-            .as_str()
-            .unwrap_or("unexpected answer")
-            .to_string();
-        Err(anyhow!("{message} ({status})"))
+        json_answer(req.send().await.context("the node did not answer")?).await
     }
 
     /// A request whose answer is raw bytes (a bundle); errors as for [`Client::request`].
@@ -126,11 +112,7 @@ impl Client {
             return Ok(bytes.to_vec());
         }
         let json: Json = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
-        let message = json["error"]["message"]
-            .as_str()
-            .unwrap_or("unexpected answer")
-            .to_string();
-        Err(anyhow!("{message} ({status})"))
+        Err(api_error(&json, status))
     }
 
     /// POST raw bytes (a bundle); the answer is JSON.
@@ -147,20 +129,7 @@ impl Client {
             .send()
             .await
             .context("the node did not answer")?;
-        let status = res.status();
-        let text = res
-            .text()
-            .await
-            .context("the node's answer was cut short")?;
-        let json: Json = serde_json::from_str(&text).unwrap_or(Json::String(text));
-        if status.is_success() {
-            return Ok(json);
-        }
-        let message = json["error"]["message"]
-            .as_str()
-            .unwrap_or("unexpected answer")
-            .to_string();
-        Err(anyhow!("{message} ({status})"))
+        json_answer(res).await
     }
 
     pub async fn get(&self, path: &str) -> Result<Json> {
@@ -173,6 +142,28 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// A JSON answer, or the API error it carries.
+async fn json_answer(res: reqwest::Response) -> Result<Json> {
+    let status = res.status();
+    let text = res
+        .text()
+        .await
+        .context("the node's answer was cut short")?;
+    let json: Json = serde_json::from_str(&text).unwrap_or(Json::String(text));
+    if status.is_success() {
+        return Ok(json);
+    }
+    Err(api_error(&json, status))
+}
+
+/// The message of an API error answer (`{"error": {"message"}}`), with its status.
+fn api_error(json: &Json, status: reqwest::StatusCode) -> anyhow::Error {
+    let message = json["error"]["message"]
+        .as_str()
+        .unwrap_or("unexpected answer");
+    anyhow!("{message} ({status})")
 }
 
 fn read_token(data_dir: &Path) -> Result<String> {

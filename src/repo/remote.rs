@@ -32,6 +32,19 @@ pub struct RemoteDoc {
     pub seq: u64,
 }
 
+impl From<crate::store::FeedEntry> for RemoteDoc {
+    fn from(e: crate::store::FeedEntry) -> Self {
+        RemoteDoc {
+            id: e.id,
+            kind: e.meta.kind,
+            tracker: e.meta.tracker,
+            heads: e.meta.heads,
+            data: e.data,
+            seq: e.seq,
+        }
+    }
+}
+
 /// What validation learns of a merged document: its tracker, deleted flag, display id (new
 /// items), highest stamp and name (trackers).
 type Checked = (Uuid, bool, Option<String>, Option<Hlc>, Option<String>);
@@ -84,18 +97,11 @@ impl Repo {
         let (entries, last, more) =
             self.store
                 .feed_since_shared(since, max_entries, max_bytes, requester, shared)?;
-        let docs = entries
-            .into_iter()
-            .map(|e| RemoteDoc {
-                id: e.id,
-                kind: e.meta.kind,
-                tracker: e.meta.tracker,
-                heads: e.meta.heads,
-                data: e.data,
-                seq: e.seq,
-            })
-            .collect();
-        Ok((docs, last, more))
+        Ok((
+            entries.into_iter().map(RemoteDoc::from).collect(),
+            last,
+            more,
+        ))
     }
 
     /// Everything of `id` a peer with heads `have` lacks.
