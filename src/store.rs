@@ -328,6 +328,8 @@ pub struct Store {
     /// Next sync log entry number.
     log_next: AtomicU64,
     flushes: AtomicU64,
+    /// sled's log file (`db` in the store directory), for `fdatasync`.
+    log_file: std::fs::File,
     /// A flush failed with an I/O error. sled 0.34 keeps failing after one (its error is
     /// sticky) until the store is reopened.
     io_failed: std::sync::atomic::AtomicBool,
@@ -355,6 +357,9 @@ impl Store {
             // We flush on demand before acknowledging; a timer flush would only add fsyncs.
             .flush_every_ms(None)
             .open()?;
+        // sled's log file, to fdatasync after sled's own flush (see `Store::sync`).
+        let log_file = std::fs::File::open(path.join("db"))
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         let next_seq = match db.scan_prefix([P_SEQ]).next_back() {
             Some(kv) => {
                 let (k, _) = kv?;
@@ -416,6 +421,7 @@ impl Store {
             log_next: AtomicU64::new(log_next),
             flushes: AtomicU64::new(0),
             io_failed: std::sync::atomic::AtomicBool::new(false),
+            log_file,
             digests: Mutex::new(None),
         })
     }
@@ -667,7 +673,7 @@ impl Store {
                 // Every ticket handed out so far belongs to a batch already applied.
                 let target = self.applied.load(Ordering::SeqCst);
                 drop(st);
-                let result = self.db.flush();
+                let result = self.sync();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
                 st = self.flush.lock().expect("flush lock");
                 st.in_progress = false;
@@ -707,7 +713,16 @@ impl Store {
         let st = self.commit.lock().expect("commit lock");
         self.db.insert(META_STATE, st.encode())?;
         drop(st);
+        self.sync()?;
+        Ok(())
+    }
+
+    /// Make everything applied so far durable. sled 0.34 writes its log with
+    /// `sync_file_range` on Linux, which neither flushes the device's write cache nor
+    /// persists the file's size: an `fdatasync` of the log file after it does.
+    fn sync(&self) -> sled::Result<()> {
         self.db.flush()?;
+        self.log_file.sync_data()?;
         Ok(())
     }
 
