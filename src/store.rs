@@ -251,6 +251,22 @@ fn decode_chunk(v: &[u8]) -> (u64, &[u8]) {
     }
 }
 
+/// One past the highest counter keyed under `prefix` (a u64 BE after the prefix byte); 1 when
+/// there is none.
+fn next_counter(db: &sled::Db, prefix: u8, what: &'static str) -> Result<u64> {
+    match db.scan_prefix([prefix]).next_back() {
+        None => Ok(1),
+        Some(kv) => {
+            let (k, _) = kv?;
+            let n: [u8; 8] = k[1..].try_into().map_err(|_| StoreError::Corrupt {
+                key: (prefix as char).to_string(),
+                what,
+            })?;
+            Ok(u64::from_be_bytes(n) + 1)
+        }
+    }
+}
+
 /// (incarnation, seq) as stored under `K` and `V`.
 fn decode_position(v: &[u8]) -> Option<(Uuid, u64)> {
     (v.len() == 24).then(|| {
@@ -360,16 +376,7 @@ impl Store {
         // sled's log file, to fdatasync after sled's own flush (see `Store::sync`).
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        let next_seq = match db.scan_prefix([P_SEQ]).next_back() {
-            Some(kv) => {
-                let (k, _) = kv?;
-                u64::from_be_bytes(k[1..].try_into().map_err(|_| StoreError::Corrupt {
-                    key: "Q".into(),
-                    what: "sequence key is not 8 bytes",
-                })?) + 1
-            }
-            None => 1,
-        };
+        let next_seq = next_counter(&db, P_SEQ, "sequence key is not 8 bytes")?;
         let (live_items, trackers, display, hlc) = match db.get(META_STATE)? {
             None => (0, 0, 0, Hlc::default()),
             Some(v) => CommitState::decode(&v).ok_or(StoreError::Corrupt {
@@ -394,16 +401,7 @@ impl Store {
                 inc
             }
         };
-        let log_next = match db.scan_prefix([P_LOG]).next_back() {
-            Some(kv) => {
-                let (k, _) = kv?;
-                u64::from_be_bytes(k[1..].try_into().map_err(|_| StoreError::Corrupt {
-                    key: "L".into(),
-                    what: "log key is not 8 bytes",
-                })?) + 1
-            }
-            None => 1,
-        };
+        let log_next = next_counter(&db, P_LOG, "log key is not 8 bytes")?;
         Ok(Store {
             db,
             incarnation,
