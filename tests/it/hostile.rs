@@ -184,3 +184,184 @@ async fn garbage_frames_get_a_peer_disconnected_while_honest_peers_sync() {
     b.item_when(item["id"].as_str().expect("id"), |_| true)
         .await;
 }
+
+/// The fuzz corpus's files under `fuzz/corpus/<target>`.
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fuzz corpus")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .collect()
+}
+
+/// An authorized peer floods frames: random bytes, the wire fuzz corpus and mutations of it,
+/// and answers every pull with pages of crafted Automerge bytes from the document corpus.
+/// Each time it misbehaves it is disconnected; it dials again and goes on. The node stays
+/// up with bounded memory and its honest peer keeps syncing. `TRACKERSYNC_HOSTILE_FRAMES`
+/// sets the number of frames (default 2,000; the long tier uses 100,000).
+#[tokio::test]
+async fn a_peer_flooding_hostile_frames_is_cut_off_every_time_and_honest_sync_goes_on() {
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+    use trackersync::net::wire::pb;
+
+    let total: usize = std::env::var("TRACKERSYNC_HOSTILE_FRAMES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let wire_corpus = corpus("wire_decode");
+    let doc_corpus = corpus("apply_document");
+    assert!(!wire_corpus.is_empty() && !doc_corpus.is_empty());
+
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    a.pair(&b).await;
+    a.cases_tracker().await;
+    let pid = a.child.id().expect("pid");
+
+    let mut hostile = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                RawCodec,
+                [(
+                    StreamProtocol::new("/trackersync/sync/1"),
+                    ProtocolSupport::Full,
+                )],
+                request_response::Config::default(),
+            )
+        })
+        .expect("behaviour")
+        .build();
+    let hostile_id = *hostile.local_peer_id();
+    let (s, e) = a
+        .post("/api/v1/peers", json!({"peer_id": hostile_id.to_string()}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let a_addr: Multiaddr = a.p2p_addr().await.parse().expect("addr");
+
+    let (mut sent, mut cut_off, mut answered) = (0usize, 0usize, 0usize);
+    let mut slowest = Duration::ZERO;
+    while sent < total {
+        hostile.dial(a_addr.clone()).expect("dial");
+        let mut first_bad: Option<Instant> = None;
+        let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match hostile.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                        for _ in 0..8 {
+                            let body = match rng.random_range(0..3) {
+                                0 => (0..rng.random_range(1..256))
+                                    .map(|_| rng.random())
+                                    .collect(),
+                                1 => wire_corpus[rng.random_range(0..wire_corpus.len())].clone(),
+                                _ => {
+                                    let mut m =
+                                        wire_corpus[rng.random_range(0..wire_corpus.len())].clone();
+                                    if !m.is_empty() {
+                                        for _ in 0..rng.random_range(1..4) {
+                                            let i = rng.random_range(0..m.len());
+                                            m[i] = rng.random();
+                                        }
+                                    }
+                                    m
+                                }
+                            };
+                            hostile.behaviour_mut().send_request(&peer_id, frame(&body));
+                            sent += 1;
+                        }
+                        first_bad.get_or_insert_with(Instant::now);
+                    }
+                    // a pulls from us: a page of crafted Automerge documents.
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Request { channel, .. },
+                        ..
+                    }) => {
+                        let entries = (0..4)
+                            .map(|_| pb::Entry {
+                                id: uuid::Uuid::now_v7().as_bytes().to_vec(),
+                                kind: pb::DocKind::Item as i32,
+                                tracker: uuid::Uuid::now_v7().as_bytes().to_vec(),
+                                heads: vec![(0..32).map(|_| rng.random()).collect()],
+                                data: doc_corpus[rng.random_range(0..doc_corpus.len())].clone(),
+                                seq: 1,
+                            })
+                            .collect();
+                        let reply = pb::Response {
+                            version: 1,
+                            body: Some(pb::response::Body::Pull(pb::PullReply {
+                                node: vec![1; 16],
+                                incarnation: vec![2; 16],
+                                last_seq: 1,
+                                more: false,
+                                entries,
+                            })),
+                        };
+                        let _ = hostile
+                            .behaviour_mut()
+                            .send_response(channel, frame(&reply.encode_to_vec()));
+                        answered += 1;
+                        sent += 1;
+                    }
+                    SwarmEvent::ConnectionClosed {
+                        num_established: 0, ..
+                    } => return true,
+                    SwarmEvent::OutgoingConnectionError { .. } => return false,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        match outcome {
+            Ok(true) => {
+                cut_off += 1;
+                if let Some(t) = first_bad {
+                    slowest = slowest.max(t.elapsed());
+                }
+            }
+            // Refused for a moment after misbehaving (the node pauses a misbehaving peer):
+            // dial again.
+            Ok(false) => {}
+            Err(_) => panic!("the node kept a flooding peer connected for 30 s"),
+        }
+    }
+    println!(
+        "{sent} hostile frames ({answered} crafted pages) over {cut_off} connections; slowest cut-off {slowest:?}"
+    );
+    assert!(cut_off > 0);
+    assert_eq!(a.get("/api/v1/status").await.0, 200);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc");
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    assert!(
+        rss_kib < 512 * 1024,
+        "node RSS {rss_kib} KiB after the flood"
+    );
+    let (s, item) = a
+        .post(
+            "/api/v1/trackers/cases/items",
+            json!({"fields": {"name": "after the flood"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{item}");
+    b.item_when(item["id"].as_str().expect("id"), |_| true)
+        .await;
+}
