@@ -341,3 +341,17 @@ pub async fn wait_for_file(path: &Path, timeout: Duration) -> String {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Whether this process runs as root. The tests that mount a tmpfs or build network
+/// namespaces need it; CI runs as root, so they always run there. Elsewhere they say so on
+/// stderr and stop before doing anything.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
