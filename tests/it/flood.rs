@@ -13,17 +13,6 @@ use tokio::io::AsyncWriteExt;
 use crate::support::TestNode;
 use trackersync::net::wire::{self, pb};
 
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        / 1024
-}
-
 fn peer_of(addr: &Multiaddr) -> PeerId {
     addr.iter()
         .find_map(|p| match p {
@@ -134,7 +123,7 @@ async fn floods_of_dials_and_connections_leave_the_node_serving_its_peers() {
         let _ = s.write_all(&[b'/', i as u8]).await;
     }
     honest_sync_still_works(&a, &b, "while flooded").await;
-    let rss = rss_mib(pid);
+    let rss = crate::support::rss_kib(pid) / 1024;
     assert!(rss < 512, "node RSS {rss} MiB under the flood");
     drop(held);
     honest_sync_still_works(&a, &b, "after the flood").await;

@@ -488,14 +488,7 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
 /// (minutes since start, RSS KiB, open descriptors, bytes in the data directory) of a node.
 fn sample(n: &TestNode, dir: &std::path::Path, started: Instant) -> (f64, u64, usize, u64) {
     let pid = n.child.id().expect("pid");
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
+    let rss = crate::support::rss_kib(pid);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);

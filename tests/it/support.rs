@@ -355,3 +355,15 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Resident memory of a process in KiB (`VmRSS`), 0 if it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
