@@ -356,6 +356,7 @@ impl Net {
             changes,
             listen_addrs: Vec::new(),
             discovered: HashMap::new(),
+            redial: HashMap::new(),
             join_key: join_key.map(|k| blake3::derive_key(JOIN_CONTEXT, k.as_bytes())),
             manual: Vec::new(),
             unauthorized: (0, None),
@@ -570,6 +571,9 @@ struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     /// Addresses mDNS found for peers not (yet) authorized, so `peer add <PeerId>` can use them.
     discovered: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Discovered peers to dial again (join key set) after a failed dial: when, and the
+    /// delay used. mDNS reports a peer once, so a failed first dial must be retried here.
+    redial: HashMap<PeerId, (Instant, Duration)>,
     /// Key derived from the deployment's join key: peers proving it are authorized.
     join_key: Option<[u8; 32]>,
     manual: Vec<ManualSync>,
@@ -580,13 +584,17 @@ struct EventLoop {
 /// BLAKE3 key-derivation context for join keys (fixed forever: changing it splits deployments).
 const JOIN_CONTEXT: &str = "trackersync 2026-11-22 network join key v1";
 
-/// A dial to a discovered peer at its known addresses.
+/// A dial to a discovered peer at its known addresses, from a fresh port. Not from the
+/// listening port (libp2p's default): two nodes that discover each other at the same moment
+/// dial each other at once, and two dials between the same two ports are one TCP
+/// simultaneous open, on which both sides start Noise as the initiator and fail.
 fn dial_discovered(
     peer: &PeerId,
     addrs: Option<&Vec<Multiaddr>>,
 ) -> libp2p::swarm::dial_opts::DialOpts {
     libp2p::swarm::dial_opts::DialOpts::peer_id(*peer)
         .addresses(addrs.cloned().unwrap_or_default())
+        .allocate_new_port()
         .build()
 }
 
@@ -772,6 +780,7 @@ impl EventLoop {
             let m: Multiaddr = a.parse().map_err(|_| format!("{a:?} is not a multiaddr"))?;
             self.swarm.add_peer_address(peer, m);
         }
+        self.redial.remove(&peer);
         for m in self.discovered.remove(&peer).unwrap_or_default() {
             self.swarm.add_peer_address(peer, m.clone());
             let a = m.to_string();
@@ -828,6 +837,23 @@ impl EventLoop {
         }
         self.run_schedules();
         let now = Instant::now();
+        let redial: Vec<PeerId> = self
+            .redial
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in redial {
+            if let Some((at, _)) = self.redial.get_mut(&peer) {
+                // Kept (with its delay) until a connection is made, to back off further.
+                *at = now + BACKOFF_MAX * 12;
+            }
+            if !self.swarm.is_connected(&peer) && !self.peers.contains_key(&peer) {
+                let _ = self
+                    .swarm
+                    .dial(dial_discovered(&peer, self.discovered.get(&peer)));
+            }
+        }
         let due: Vec<PeerId> = self
             .peers
             .iter()
@@ -866,6 +892,7 @@ impl EventLoop {
             libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
                 .addresses(addrs)
                 .extend_addresses_through_behaviour()
+                .allocate_new_port()
                 .build(),
         )
     }
@@ -1565,6 +1592,7 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
+                self.redial.remove(&peer_id);
                 if self.join_key.is_some() {
                     // Both sides prove the join key; each authorizes the other on a valid proof.
                     self.send_join(peer_id);
@@ -1626,6 +1654,17 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                if self.join_key.is_some()
+                    && !self.peers.contains_key(&peer)
+                    && self.discovered.contains_key(&peer)
+                {
+                    tracing::debug!(%peer, %error, "dial to a discovered peer failed");
+                    let delay = self
+                        .redial
+                        .get(&peer)
+                        .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
+                    self.redial.insert(peer, (Instant::now() + delay, delay));
+                }
                 self.backoff(peer, &error.to_string());
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {

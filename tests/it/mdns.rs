@@ -9,7 +9,7 @@ use std::process::Stdio;
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use crate::support::{eventually, wait_for_file, BIN, SYNC_TIMEOUT};
+use crate::support::{eventually, node_stderr, wait_for_file, BIN, SYNC_TIMEOUT};
 
 /// Two namespaces and a veth pair, removed on drop.
 struct Lan {
@@ -85,7 +85,7 @@ fn serve(ns: &str, dir: &Path, extra: &[&str]) -> Child {
         .arg(dir)
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(node_stderr(dir))
         .kill_on_drop(true)
         .spawn()
         .expect("spawn node in namespace")

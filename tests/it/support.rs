@@ -86,25 +86,7 @@ impl TestNode {
             .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
-            // TRACKERSYNC_TEST_LOGS=1 keeps each node's log in its data dir (node.log);
-            // TRACKERSYNC_TEST_LOGS=DIR puts it in DIR instead (for data dirs on a tmpfs the
-            // test fills up).
-            .stderr(if let Some(v) = std::env::var_os("TRACKERSYNC_TEST_LOGS") {
-                let file = match std::path::Path::new(&v) {
-                    p if p.is_dir() => {
-                        p.join(format!("{}.log", dir.to_string_lossy().replace('/', "_")))
-                    }
-                    _ => dir.join("node.log"),
-                };
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(file)
-                    .map(Stdio::from)
-                    .unwrap_or_else(|_| Stdio::null())
-            } else {
-                Stdio::null()
-            })
+            .stderr(node_stderr(dir))
             .kill_on_drop(true)
             .spawn()
             .expect("spawn trackersync serve");
@@ -272,6 +254,29 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// Where a test node's log goes: nowhere, unless TRACKERSYNC_TEST_LOGS is set.
+/// TRACKERSYNC_TEST_LOGS=1 keeps each node's log in its data dir (node.log);
+/// TRACKERSYNC_TEST_LOGS=DIR puts it in DIR instead (for data dirs on a tmpfs the test fills
+/// up, or removed when the test ends).
+pub fn node_stderr(dir: &Path) -> Stdio {
+    let Some(v) = std::env::var_os("TRACKERSYNC_TEST_LOGS") else {
+        return Stdio::null();
+    };
+    let file = match Path::new(&v) {
+        p if p.is_dir() => p.join(format!("{}.log", dir.to_string_lossy().replace('/', "_"))),
+        _ => {
+            let _ = std::fs::create_dir_all(dir);
+            dir.join("node.log")
+        }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
 }
 
 /// How long a change may take to reach another node before a test fails.
