@@ -13,6 +13,7 @@ mod flood;
 mod hostile;
 mod manage;
 mod mdns;
+mod netfault;
 mod partition;
 mod sim;
 mod sync;

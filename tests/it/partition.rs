@@ -1,16 +1,17 @@
 //! Partitions and crashes (issue 7): real node processes, each in its own network namespace
-//! on a bridge the test builds (veth pairs; CI runs as root). A seeded nemesis, during a
-//! workload of creates and same-field edits on every node, isolates nodes and splits the
-//! network (links down), heals it, and SIGKILLs and restarts nodes. After healing: every
+//! on a bridge the test builds (veth pairs; CI runs as root), each with its own clock skew
+//! (libfaketime, within the drift bound). A seeded nemesis, during a workload of creates and
+//! same-field edits on every node, isolates nodes (link down), splits the network in two
+//! (blackhole routes), drops packets (iptables `statistic`), delays them (an NFQUEUE
+//! delayer: `tc netem` is not in this kernel, see `netfault`), heals it all, and SIGKILLs
+//! and restarts nodes. Needs root, iptables and faketime (`.ci/run` installs the last two
+//! when missing). After healing: every
 //! acknowledged write is on every node, no value nobody wrote, identical items everywhere,
 //! and every field equals the acknowledged write with the highest (HLC, node). The seed is
 //! printed; `TRACKERSYNC_SEED` replays a run. Short tier: 3 nodes, 2,000 operations; the
 //! long tier is `TRACKERSYNC_PARTITION_NODES=5 TRACKERSYNC_PARTITION_OPS=100000`, and the
 //! soak `TRACKERSYNC_SOAK_SECS=1800` (steady load and partitions, no kills; each node's RSS,
 //! descriptors and disk sampled every 10 s; descriptors and memory must stay flat).
-//!
-//! (`tc netem` is not in this kernel, so there is no packet loss or added latency here;
-//! links go down and up instead.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -20,7 +21,15 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+use crate::netfault::LinkFaults;
 use crate::support::{eventually, TestNode};
+
+/// libfaketime, as Debian's `faketime` package installs it (the multithreaded variant).
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// Clock skews given to nodes (libfaketime offsets), all within the default drift bound of
+/// five minutes, so every change applies at once and the latest write must still win.
+const SKEWS: [&str; 6] = ["+0s", "-90s", "-3s", "+2s", "+40s", "+150s"];
 
 const FIELDS: [&str; 3] = ["a", "b", "c"];
 const PORT: u16 = 4100;
@@ -42,15 +51,34 @@ struct Lab {
     tag: String,
     nodes: usize,
     subnet: u8,
+    /// Each node's clock offset (a libfaketime `FAKETIME` value).
+    skew: Vec<&'static str>,
+    /// Loss and latency on each node's link.
+    faults: Vec<LinkFaults>,
 }
 
 impl Lab {
-    fn new(nodes: usize) -> Lab {
+    fn new(nodes: usize, rng: &mut impl Rng) -> Lab {
+        assert!(
+            crate::netfault::available() && std::path::Path::new(FAKETIME_LIB).exists(),
+            "this test needs iptables and libfaketime: apt-get install iptables faketime"
+        );
         let id = std::process::id() % 100_000;
-        let lab = Lab {
+        let mut lab = Lab {
             tag: format!("{id}"),
             nodes,
             subnet: 2 * (id % 100) as u8 + 20,
+            // Node 0 keeps the true time; the others get a seeded skew each.
+            skew: (0..nodes)
+                .map(|i| {
+                    if i == 0 {
+                        SKEWS[0]
+                    } else {
+                        SKEWS[rng.random_range(0..SKEWS.len())]
+                    }
+                })
+                .collect(),
+            faults: Vec::new(),
         };
         lab.teardown();
         sh(&["ip", "link", "add", &lab.bridge(), "type", "bridge"]);
@@ -131,6 +159,9 @@ impl Lab {
                 &mp,
             ]);
             sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &mp, "up"]);
+            let faults = LinkFaults::new(&ns, &format!("{veth}p"), i as u16)
+                .unwrap_or_else(|e| panic!("network faults for node {i}: {e}"));
+            lab.faults.push(faults);
         }
         lab
     }
@@ -170,6 +201,32 @@ impl Lab {
         ]);
     }
 
+    /// Split the network: nodes in `side` and the others cannot reach each other (blackhole
+    /// routes in every namespace), or (`None`) join it again.
+    fn split(&self, side: Option<&[usize]>) {
+        for i in 0..self.nodes {
+            let _ = Command::new("ip")
+                .args(["-n", &self.ns(i), "route", "flush", "type", "blackhole"])
+                .output();
+        }
+        let Some(side) = side else { return };
+        for i in 0..self.nodes {
+            for j in 0..self.nodes {
+                if side.contains(&i) != side.contains(&j) {
+                    sh(&[
+                        "ip",
+                        "-n",
+                        &self.ns(i),
+                        "route",
+                        "add",
+                        "blackhole",
+                        &format!("{}/32", self.ip(j)),
+                    ]);
+                }
+            }
+        }
+    }
+
     fn teardown(&self) {
         for i in 0..self.nodes {
             let _ = Command::new("ip")
@@ -201,8 +258,22 @@ struct Slot {
 
 async fn start(lab: &Lab, i: usize, dir: &std::path::Path) -> TestNode {
     let ns = lab.ns(i);
+    let (preload, faketime) = (
+        format!("LD_PRELOAD={FAKETIME_LIB}"),
+        format!("FAKETIME={}", lab.skew[i]),
+    );
     TestNode::start_wrapped(
-        &["ip", "netns", "exec", &ns],
+        &[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "env",
+            &preload,
+            &faketime,
+            // Instants (timeouts, backoff) stay true; only wall-clock time is skewed.
+            "FAKETIME_DONT_FAKE_MONOTONIC=1",
+        ],
         dir,
         &format!("{}:0", lab.api_ip(i)),
         &format!("/ip4/{}/tcp/{PORT}", lab.ip(i)),
@@ -243,7 +314,8 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         .unwrap_or_else(rand::random);
     println!("partition test seed {seed} (replay with TRACKERSYNC_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let lab = Lab::new(nodes);
+    let mut lab = Lab::new(nodes, &mut rng);
+    println!("clock skews {:?}", lab.skew);
     let tmp = tempfile::tempdir().expect("tempdir");
     // With TRACKERSYNC_TEST_LOGS the data dirs (and node logs) outlive the test.
     let root = if std::env::var_os("TRACKERSYNC_TEST_LOGS").is_some() {
@@ -302,7 +374,11 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
     let mut items: Vec<String> = Vec::new();
     let mut acked: Vec<Write> = Vec::new();
     let mut down = vec![false; nodes];
+    let mut split = false;
+    let mut lossy = vec![false; nodes];
+    let mut slow = vec![false; nodes];
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
+    *faults.entry("clock skew").or_default() = lab.skew.iter().filter(|s| **s != "+0s").count();
     let started = Instant::now();
     let mut samples: Vec<Vec<(f64, u64, usize, u64)>> = vec![Vec::new(); nodes];
     let mut next_sample = Instant::now();
@@ -338,13 +414,26 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
             lab.link(i, false);
             down[i] = true;
             *faults.entry("isolate").or_default() += 1;
-        } else if roll < 45 && down.iter().any(|d| *d) {
-            for (k, d) in down.iter_mut().enumerate() {
-                if *d {
-                    lab.link(k, true);
-                    *d = false;
-                }
+        } else if roll < 38 && !split && nodes > 2 {
+            // Two sides, each with at least one node, chosen from the seed.
+            let mut side: Vec<usize> = (0..nodes).filter(|_| rng.random_bool(0.5)).collect();
+            if side.is_empty() || side.len() == nodes {
+                side = vec![i];
             }
+            lab.split(Some(&side));
+            split = true;
+            *faults.entry("bipartition").or_default() += 1;
+        } else if roll < 46 && !lossy[i] {
+            let loss = rng.random_range(5..40);
+            lab.faults[i].set_loss(Some(loss)).expect("packet loss");
+            lossy[i] = true;
+            *faults.entry("packet loss").or_default() += 1;
+        } else if roll < 54 && !slow[i] {
+            lab.faults[i].set_delay(rng.random_range(5..80));
+            slow[i] = true;
+            *faults.entry("latency").or_default() += 1;
+        } else if roll < 69 && (split || down.iter().chain(&lossy).chain(&slow).any(|d| *d)) {
+            heal(&mut lab, &mut down, &mut split, &mut lossy, &mut slow);
             *faults.entry("heal").or_default() += 1;
         } else if let Some(n) = slots[i].node.as_ref() {
             let max_items = if soak > 0 { 500 } else { 8 };
@@ -389,11 +478,7 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         }
     }
     // Heal everything.
-    for (k, d) in down.iter().enumerate() {
-        if *d {
-            lab.link(k, true);
-        }
-    }
+    heal(&mut lab, &mut down, &mut split, &mut lossy, &mut slow);
     for (i, slot) in slots.iter_mut().enumerate() {
         if slot.node.is_none() {
             slot.node = Some(start(&lab, i, &slot.dir).await);
@@ -455,6 +540,13 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         }
     }
     println!("converged {:?} after healing", healed.elapsed());
+    // Every node's incoming packets went through its delay queue (the latency fault's path).
+    let queued: Vec<u64> = lab.faults.drain(..).map(LinkFaults::finish).collect();
+    println!("packets through each node's delay queue: {queued:?}");
+    assert!(
+        queued.iter().all(|n| *n > 0),
+        "the delay queues saw traffic: {queued:?}"
+    );
     // Identical items everywhere, and every acknowledged write in every node's history.
     let reference: Vec<Value> = {
         let n = slots[0].node.as_ref().expect("up");
@@ -481,6 +573,26 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
                     w.stamp
                 );
             }
+        }
+    }
+}
+
+/// Links up, one network again, no loss, no added latency.
+fn heal(lab: &mut Lab, down: &mut [bool], split: &mut bool, lossy: &mut [bool], slow: &mut [bool]) {
+    for (k, d) in down.iter_mut().enumerate() {
+        if std::mem::take(d) {
+            lab.link(k, true);
+        }
+    }
+    if std::mem::take(split) {
+        lab.split(None);
+    }
+    for k in 0..lossy.len() {
+        if std::mem::take(&mut lossy[k]) {
+            lab.faults[k].set_loss(None).expect("stop packet loss");
+        }
+        if std::mem::take(&mut slow[k]) {
+            lab.faults[k].set_delay(0);
         }
     }
 }
