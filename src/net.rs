@@ -637,7 +637,11 @@ impl EventLoop {
                 proof: proof.as_bytes().to_vec(),
             })),
         };
-        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&peer, req.into());
         self.outbound.insert(id, Outbound::Join);
     }
 
@@ -1175,7 +1179,11 @@ impl EventLoop {
                 ..Default::default()
             })),
         };
-        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&peer, req.into());
         self.outbound.insert(id, Outbound::Notify);
     }
 
@@ -1245,7 +1253,11 @@ impl EventLoop {
                 trackers: s.config.trackers.clone().unwrap_or_default(),
             })),
         };
-        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&peer, req.into());
         PULLS_SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.outbound
             .insert(id, Outbound::Pull(Instant::now(), epoch));
@@ -1514,7 +1526,11 @@ impl EventLoop {
             version: wire::VERSION,
             body: Some(pb::request::Body::Reconcile(pb::Reconcile { ranges })),
         };
-        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&peer, req.into());
         self.outbound.insert(id, Outbound::Reconcile(epoch));
     }
 
@@ -1579,7 +1595,11 @@ impl EventLoop {
             version: wire::VERSION,
             body: Some(pb::request::Body::Fetch(pb::Fetch { docs })),
         };
-        let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .rr
+            .send_request(&peer, req.into());
         self.outbound.insert(id, Outbound::Fetch(page));
     }
 
@@ -1722,7 +1742,7 @@ impl EventLoop {
         }
     }
 
-    fn on_rr(&mut self, ev: request_response::Event<pb::Request, pb::Response>) {
+    fn on_rr(&mut self, ev: request_response::Event<wire::Req, pb::Response>) {
         use request_response::{Event, Message};
         match ev {
             Event::Message {
@@ -1732,7 +1752,17 @@ impl EventLoop {
                         request, channel, ..
                     },
                 ..
-            } => self.on_request(peer, request, channel),
+            } => match request {
+                wire::Req::Msg(request) => self.on_request(peer, request, channel),
+                wire::Req::Garbled(why) => {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_response(channel, refused("undecodable request"));
+                    self.drop_peer(peer, &format!("sent an undecodable request: {why}"));
+                }
+            },
             Event::Message {
                 peer,
                 message:
@@ -2341,7 +2371,11 @@ impl EventLoop {
                         entries: docs.into_iter().map(wire::doc_to_wire).collect(),
                     })),
                 };
-                let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request(&peer, req.into());
                 self.outbound.insert(id, Outbound::Notify);
             }
             Work::Served(peer, items, more, last_seq) => {
@@ -2487,7 +2521,11 @@ impl EventLoop {
                         version: wire::VERSION,
                         body: Some(pb::request::Body::Fetch(pb::Fetch { docs: fetch })),
                     };
-                    let id = self.swarm.behaviour_mut().rr.send_request(&peer, req);
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_request(&peer, req.into());
                     self.outbound.insert(id, Outbound::Fetch(page));
                     return;
                 }

@@ -102,16 +102,59 @@ pub fn doc_to_wire(d: RemoteDoc) -> pb::Entry {
 pub static BYTES_IN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 pub static BYTES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// A request as it crosses the wire. What we send is always `Msg`. What we receive is
+/// `Garbled` when the frame was over the limit, undecodable or dripped too slowly: libp2p
+/// reports a failed inbound read only in a debug log, so as an error the node would never
+/// learn that the peer misbehaves.
+#[derive(Debug, Clone)]
+pub enum Req {
+    Msg(pb::Request),
+    Garbled(String),
+}
+
+impl From<pb::Request> for Req {
+    fn from(r: pb::Request) -> Req {
+        Req::Msg(r)
+    }
+}
+
 /// Length-prefixed (u32 BE) protobuf frames, size-checked before anything is allocated.
 #[derive(Clone, Default)]
 pub struct Codec;
 
+/// Time a frame gets beyond what its length needs at [`FRAME_MIN_RATE`].
+pub const FRAME_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Slowest pace (bytes per second) a frame may arrive at. A peer dripping a frame byte by
+/// byte holds a stream and its buffer; past this it counts as misbehaving (an undecodable
+/// frame) and is disconnected, not left to the 60-second request timeout.
+pub const FRAME_MIN_RATE: u64 = 32 * 1024;
+
+fn too_slow(got: usize, len: usize) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("frame arrived too slowly ({got} of {len} bytes in time)"),
+    )
+}
+
+/// Read one length-prefixed frame. `from_start`: whether the clock starts when the stream
+/// opens (requests, written at once) rather than at the length prefix (a response may take
+/// the peer a while to prepare, which the request timeout bounds). Either way the frame must
+/// be complete [`FRAME_GRACE`] plus its length at [`FRAME_MIN_RATE`] after the clock starts.
+/// Memory follows the bytes that arrive, not the length a peer declares.
 async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
     io: &mut T,
     max: usize,
+    from_start: bool,
 ) -> std::io::Result<Vec<u8>> {
+    let started = tokio::time::Instant::now();
     let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
+    if from_start {
+        tokio::time::timeout_at(started + FRAME_GRACE, io.read_exact(&mut len))
+            .await
+            .map_err(|_| too_slow(0, 4))??;
+    } else {
+        io.read_exact(&mut len).await?;
+    }
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
         return Err(std::io::Error::new(
@@ -119,8 +162,22 @@ async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
             format!("frame of {len} bytes over the {max}-byte limit"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    let deadline = if from_start {
+        started
+    } else {
+        tokio::time::Instant::now()
+    } + FRAME_GRACE
+        + std::time::Duration::from_millis(len as u64 * 1000 / FRAME_MIN_RATE);
+    let mut buf = Vec::with_capacity(len.min(64 * 1024));
+    let mut body = (&mut *io).take(len as u64);
+    let read = tokio::time::timeout_at(deadline, body.read_to_end(&mut buf)).await;
+    read.map_err(|_| too_slow(buf.len(), len))??;
+    if buf.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("frame cut short ({} of {len} bytes)", buf.len()),
+        ));
+    }
     BYTES_IN.fetch_add(4 + len as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(buf)
 }
@@ -148,18 +205,21 @@ fn decode<M: Message + Default>(b: &[u8]) -> std::io::Result<M> {
 
 impl libp2p::request_response::Codec for Codec {
     type Protocol = StreamProtocol;
-    type Request = pb::Request;
+    type Request = Req;
     type Response = pb::Response;
 
-    async fn read_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> std::io::Result<pb::Request>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Req>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        decode(&read_frame(io, MAX_REQUEST_BYTES).await?)
+        let read = read_frame(io, MAX_REQUEST_BYTES, true).await;
+        match read.and_then(|frame| decode(&frame)) {
+            Ok(r) => Ok(Req::Msg(r)),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Ok(Req::Garbled(e.to_string()))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn read_response<T>(
@@ -170,19 +230,25 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        decode(&read_frame(io, MAX_RESPONSE_BYTES).await?)
+        decode(&read_frame(io, MAX_RESPONSE_BYTES, false).await?)
     }
 
     async fn write_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: pb::Request,
+        req: Req,
     ) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_frame(io, req.encode_to_vec(), MAX_REQUEST_BYTES).await
+        match req {
+            Req::Msg(r) => write_frame(io, r.encode_to_vec(), MAX_REQUEST_BYTES).await,
+            Req::Garbled(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a garbled request is only ever received",
+            )),
+        }
     }
 
     async fn write_response<T>(
@@ -248,13 +314,78 @@ mod tests {
         }
     }
 
-    #[test]
-    fn frames_over_the_limit_are_refused_before_allocation() {
+    #[tokio::test]
+    async fn frames_over_the_limit_are_refused_before_allocation() {
         let mut frame = (u32::MAX).to_be_bytes().to_vec();
         frame.extend_from_slice(&[0; 8]);
         let mut io = futures::io::Cursor::new(frame);
-        let err = futures::executor::block_on(read_frame(&mut io, MAX_REQUEST_BYTES))
+        let err = read_frame(&mut io, MAX_REQUEST_BYTES, true)
+            .await
             .expect_err("over limit");
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_frame_cut_short_is_an_early_end_not_garbage() {
+        let mut frame = (1024u32 * 1024).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[7; 10]);
+        let mut io = futures::io::Cursor::new(frame);
+        let err = read_frame(&mut io, MAX_REQUEST_BYTES, true)
+            .await
+            .expect_err("short");
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Yields its bytes, then never anything more (a peer that stopped sending).
+    struct Stalls(futures::io::Cursor<Vec<u8>>);
+
+    impl futures::AsyncRead for Stalls {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+                std::task::Poll::Ready(Ok(0)) => std::task::Poll::Pending,
+                other => other,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_request_frame_is_garbage_after_its_deadline() {
+        // Nothing at all, then a prefix with part of the body.
+        let mut partial = 100u32.to_be_bytes().to_vec();
+        partial.extend_from_slice(&[1; 40]);
+        for bytes in [vec![], vec![0, 0], partial] {
+            let started = tokio::time::Instant::now();
+            let mut io = Stalls(futures::io::Cursor::new(bytes));
+            let err = read_frame(&mut io, MAX_REQUEST_BYTES, true)
+                .await
+                .expect_err("stalled");
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+            assert!(err.to_string().contains("too slowly"), "{err}");
+            // The deadline counts from the stream's start: about a second for a small frame.
+            let waited = started.elapsed();
+            assert!(
+                waited >= FRAME_GRACE && waited < FRAME_GRACE * 2,
+                "{waited:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_may_take_its_time_to_start() {
+        // No prefix deadline for responses: the request timeout bounds the wait instead.
+        let mut io = Stalls(futures::io::Cursor::new(vec![]));
+        let waited = tokio::time::timeout(
+            FRAME_GRACE * 10,
+            read_frame(&mut io, MAX_RESPONSE_BYTES, false),
+        )
+        .await;
+        assert!(
+            waited.is_err(),
+            "gave up on a response that had not started"
+        );
     }
 }

@@ -80,7 +80,7 @@ async fn floods_of_dials_and_connections_leave_the_node_serving_its_peers() {
                 SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == a_id => {
                     intruder
                         .behaviour_mut()
-                        .send_request(&peer_id, pull.clone());
+                        .send_request(&peer_id, pull.clone().into());
                 }
                 SwarmEvent::Behaviour(request_response::Event::Message {
                     message: request_response::Message::Response { response, .. },

@@ -12,9 +12,12 @@ use serde_json::json;
 
 use crate::support::TestNode;
 
-/// Writes whatever bytes it is given; reads whatever comes back (bounded).
+/// Writes whatever bytes it is given (a byte at a time, `drip` apart, when set); reads
+/// whatever comes back (bounded).
 #[derive(Clone, Default)]
-struct RawCodec;
+struct RawCodec {
+    drip: Option<Duration>,
+}
 
 impl request_response::Codec for RawCodec {
     type Protocol = StreamProtocol;
@@ -47,7 +50,16 @@ impl request_response::Codec for RawCodec {
         io: &mut T,
         req: Vec<u8>,
     ) -> std::io::Result<()> {
-        io.write_all(&req).await?;
+        match self.drip {
+            Some(pause) => {
+                for b in req {
+                    io.write_all(&[b]).await?;
+                    io.flush().await?;
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            None => io.write_all(&req).await?,
+        }
         io.close().await
     }
 
@@ -65,6 +77,13 @@ impl request_response::Codec for RawCodec {
 /// A libp2p node speaking our protocol with raw bytes (it sends whatever it is given),
 /// closing connections idle for `idle`.
 fn raw_swarm(idle: Duration) -> libp2p::Swarm<request_response::Behaviour<RawCodec>> {
+    raw_swarm_with(RawCodec::default(), idle)
+}
+
+fn raw_swarm_with(
+    codec: RawCodec,
+    idle: Duration,
+) -> libp2p::Swarm<request_response::Behaviour<RawCodec>> {
     libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -75,7 +94,7 @@ fn raw_swarm(idle: Duration) -> libp2p::Swarm<request_response::Behaviour<RawCod
         .expect("tcp")
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
-                RawCodec,
+                codec,
                 [(
                     StreamProtocol::new("/trackersync/sync/1"),
                     ProtocolSupport::Full,
@@ -189,6 +208,83 @@ async fn garbage_frames_get_a_peer_disconnected_while_honest_peers_sync() {
     assert_eq!(s, 201);
     b.item_when(item["id"].as_str().expect("id"), |_| true)
         .await;
+}
+
+/// Slow-drip frames: an authorized peer opens 32 streams and drips a small, valid-length
+/// frame into each, a byte every 200 ms. A frame must arrive at `wire::FRAME_MIN_RATE` after
+/// a grace of `wire::FRAME_GRACE` (one second), so the node cuts the peer off as misbehaving,
+/// long before its 60-second request timeout, and its honest peer keeps syncing meanwhile.
+#[tokio::test]
+async fn a_peer_dripping_frames_is_cut_off_and_honest_sync_goes_on() {
+    let a = TestNode::start().await;
+    let b = TestNode::start().await;
+    a.pair(&b).await;
+    a.cases_tracker().await;
+    let pid = a.child.id().expect("pid");
+    // Honest latency a -> b before the attack, for the figure printed at the end.
+    let before = a.latency_to(&b, "before the drip").await;
+
+    let mut dripper = raw_swarm_with(
+        RawCodec {
+            drip: Some(Duration::from_millis(200)),
+        },
+        Duration::from_secs(60),
+    );
+    let dripper_id = *dripper.local_peer_id();
+    let (s, e) = a
+        .post("/api/v1/peers", json!({"peer_id": dripper_id.to_string()}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    dripper
+        .dial(a.p2p_addr().await.parse::<Multiaddr>().expect("addr"))
+        .expect("dial");
+    let mut connected_at = None;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match dripper.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    connected_at = Some(Instant::now());
+                    for _ in 0..32 {
+                        dripper
+                            .behaviour_mut()
+                            .send_request(&peer_id, frame(&[0x0a; 60]));
+                    }
+                }
+                SwarmEvent::ConnectionClosed {
+                    num_established: 0, ..
+                } => return,
+                _ => {}
+            }
+        }
+    });
+    // The honest pair syncs while the drip goes on.
+    let during = a.latency_to(&b, "during the drip");
+    let (cut, during) = tokio::join!(outcome, during);
+    assert!(
+        cut.is_ok(),
+        "the node kept a dripping peer for 30 s (its request timeout is 60 s)"
+    );
+    let took = connected_at.expect("connected").elapsed();
+    let entry = crate::support::eventually("a's view of the dripping peer", || async {
+        let (_, peers) = a.get("/api/v1/peers").await;
+        peers
+            .as_array()?
+            .iter()
+            .find(|p| p["peer_id"] == dripper_id.to_string() && p["connected"] == false)
+            .cloned()
+    })
+    .await;
+    assert!(
+        entry["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("too slowly")),
+        "{entry}"
+    );
+    let rss_kib = crate::support::rss_kib(pid);
+    assert!(rss_kib < 512 * 1024, "node RSS {rss_kib} KiB");
+    println!(
+        "dripping peer cut off {took:?} after connecting; honest a -> b latency {before:?} before, {during:?} during"
+    );
 }
 
 /// The fuzz corpus's files under `fuzz/corpus/<target>`.

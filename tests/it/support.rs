@@ -237,6 +237,33 @@ impl TestNode {
         assert_eq!(s, 201, "{e}");
     }
 
+    /// Median time for an item created here to be readable on `other` (5 items; polled every
+    /// 2 ms). A figure to print, not to assert on: the machine is shared.
+    pub async fn latency_to(&self, other: &TestNode, what: &str) -> Duration {
+        let mut times = Vec::new();
+        for k in 0..5 {
+            let started = tokio::time::Instant::now();
+            let (s, item) = self
+                .post(
+                    "/api/v1/trackers/cases/items",
+                    serde_json::json!({"fields": {"name": format!("probe {what} {k}")}}),
+                )
+                .await;
+            assert_eq!(s, 201, "{item}");
+            let path = format!("/api/v1/items/{}", item["id"].as_str().expect("id"));
+            while other.get(&path).await.0 != 200 {
+                assert!(
+                    started.elapsed() < SYNC_TIMEOUT,
+                    "timed out waiting for a probe item {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            times.push(started.elapsed());
+        }
+        times.sort();
+        times[times.len() / 2]
+    }
+
     /// The item as this node sees it, once `pred` holds (or fail after the timeout).
     pub async fn item_when(&self, id: &str, pred: impl Fn(&Json) -> bool) -> Json {
         eventually(&format!("item {id} on {}", self.base), || async {
