@@ -340,93 +340,101 @@ async fn a_peer_flooding_hostile_frames_is_cut_off_every_time_and_honest_sync_go
     assert_eq!(s, 201, "{e}");
     let a_addr: Multiaddr = a.p2p_addr().await.parse().expect("addr");
 
+    let before = a.latency_to(&b, "before the flood").await;
     let (mut sent, mut cut_off, mut answered) = (0usize, 0usize, 0usize);
     let mut slowest = Duration::ZERO;
-    while sent < total {
-        hostile.dial(a_addr.clone()).expect("dial");
-        let mut first_bad: Option<Instant> = None;
-        let outcome = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                match hostile.select_next_some().await {
-                    SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                        for _ in 0..8 {
-                            let body = match rng.random_range(0..3) {
-                                0 => (0..rng.random_range(1..256))
-                                    .map(|_| rng.random())
-                                    .collect(),
-                                1 => wire_corpus[rng.random_range(0..wire_corpus.len())].clone(),
-                                _ => {
-                                    let mut m =
-                                        wire_corpus[rng.random_range(0..wire_corpus.len())].clone();
-                                    if !m.is_empty() {
-                                        for _ in 0..rng.random_range(1..4) {
-                                            let i = rng.random_range(0..m.len());
-                                            m[i] = rng.random();
-                                        }
+    let flood = async {
+        while sent < total {
+            hostile.dial(a_addr.clone()).expect("dial");
+            let mut first_bad: Option<Instant> = None;
+            let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+                loop {
+                    match hostile.select_next_some().await {
+                        SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                            for _ in 0..8 {
+                                let body = match rng.random_range(0..3) {
+                                    0 => (0..rng.random_range(1..256))
+                                        .map(|_| rng.random())
+                                        .collect(),
+                                    1 => {
+                                        wire_corpus[rng.random_range(0..wire_corpus.len())].clone()
                                     }
-                                    m
-                                }
+                                    _ => {
+                                        let mut m = wire_corpus
+                                            [rng.random_range(0..wire_corpus.len())]
+                                        .clone();
+                                        if !m.is_empty() {
+                                            for _ in 0..rng.random_range(1..4) {
+                                                let i = rng.random_range(0..m.len());
+                                                m[i] = rng.random();
+                                            }
+                                        }
+                                        m
+                                    }
+                                };
+                                hostile.behaviour_mut().send_request(&peer_id, frame(&body));
+                                sent += 1;
+                            }
+                            first_bad.get_or_insert_with(Instant::now);
+                        }
+                        // a pulls from us: a page of crafted Automerge documents.
+                        SwarmEvent::Behaviour(request_response::Event::Message {
+                            message: request_response::Message::Request { channel, .. },
+                            ..
+                        }) => {
+                            let entries = (0..4)
+                                .map(|_| pb::Entry {
+                                    id: uuid::Uuid::now_v7().as_bytes().to_vec(),
+                                    kind: pb::DocKind::Item as i32,
+                                    tracker: uuid::Uuid::now_v7().as_bytes().to_vec(),
+                                    heads: vec![(0..32).map(|_| rng.random()).collect()],
+                                    data: doc_corpus[rng.random_range(0..doc_corpus.len())].clone(),
+                                    seq: 1,
+                                })
+                                .collect();
+                            let reply = pb::Response {
+                                version: 1,
+                                body: Some(pb::response::Body::Pull(pb::PullReply {
+                                    node: vec![1; 16],
+                                    incarnation: vec![2; 16],
+                                    last_seq: 1,
+                                    more: false,
+                                    entries,
+                                })),
                             };
-                            hostile.behaviour_mut().send_request(&peer_id, frame(&body));
+                            let _ = hostile
+                                .behaviour_mut()
+                                .send_response(channel, frame(&reply.encode_to_vec()));
+                            answered += 1;
                             sent += 1;
                         }
-                        first_bad.get_or_insert_with(Instant::now);
+                        SwarmEvent::ConnectionClosed {
+                            num_established: 0, ..
+                        } => return true,
+                        SwarmEvent::OutgoingConnectionError { .. } => return false,
+                        _ => {}
                     }
-                    // a pulls from us: a page of crafted Automerge documents.
-                    SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Request { channel, .. },
-                        ..
-                    }) => {
-                        let entries = (0..4)
-                            .map(|_| pb::Entry {
-                                id: uuid::Uuid::now_v7().as_bytes().to_vec(),
-                                kind: pb::DocKind::Item as i32,
-                                tracker: uuid::Uuid::now_v7().as_bytes().to_vec(),
-                                heads: vec![(0..32).map(|_| rng.random()).collect()],
-                                data: doc_corpus[rng.random_range(0..doc_corpus.len())].clone(),
-                                seq: 1,
-                            })
-                            .collect();
-                        let reply = pb::Response {
-                            version: 1,
-                            body: Some(pb::response::Body::Pull(pb::PullReply {
-                                node: vec![1; 16],
-                                incarnation: vec![2; 16],
-                                last_seq: 1,
-                                more: false,
-                                entries,
-                            })),
-                        };
-                        let _ = hostile
-                            .behaviour_mut()
-                            .send_response(channel, frame(&reply.encode_to_vec()));
-                        answered += 1;
-                        sent += 1;
+                }
+            })
+            .await;
+            match outcome {
+                Ok(true) => {
+                    cut_off += 1;
+                    if let Some(t) = first_bad {
+                        slowest = slowest.max(t.elapsed());
                     }
-                    SwarmEvent::ConnectionClosed {
-                        num_established: 0, ..
-                    } => return true,
-                    SwarmEvent::OutgoingConnectionError { .. } => return false,
-                    _ => {}
                 }
+                // Refused for a moment after misbehaving (the node pauses a misbehaving peer):
+                // dial again.
+                Ok(false) => {}
+                Err(_) => panic!("the node kept a flooding peer connected for 30 s"),
             }
-        })
-        .await;
-        match outcome {
-            Ok(true) => {
-                cut_off += 1;
-                if let Some(t) = first_bad {
-                    slowest = slowest.max(t.elapsed());
-                }
-            }
-            // Refused for a moment after misbehaving (the node pauses a misbehaving peer):
-            // dial again.
-            Ok(false) => {}
-            Err(_) => panic!("the node kept a flooding peer connected for 30 s"),
         }
-    }
+    };
+    // The honest pair syncs while the flood goes on.
+    let ((), during) = tokio::join!(flood, a.latency_to(&b, "during the flood"));
     println!(
-        "{sent} hostile frames ({answered} crafted pages) over {cut_off} connections; slowest cut-off {slowest:?}"
+        "{sent} hostile frames ({answered} crafted pages) over {cut_off} connections; slowest cut-off {slowest:?}; honest a -> b latency {before:?} before, {during:?} during"
     );
     assert!(cut_off > 0);
     assert_eq!(a.get("/api/v1/status").await.0, 200);
