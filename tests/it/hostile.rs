@@ -280,8 +280,7 @@ async fn a_peer_dripping_frames_is_cut_off_and_honest_sync_goes_on() {
             .is_some_and(|e| e.contains("too slowly")),
         "{entry}"
     );
-    let rss_kib = crate::support::rss_kib(pid);
-    assert!(rss_kib < 512 * 1024, "node RSS {rss_kib} KiB");
+    crate::support::assert_under_memory_cap(pid, "through the drip");
     println!(
         "dripping peer cut off {took:?} after connecting; honest a -> b latency {before:?} before, {during:?} during"
     );
@@ -438,11 +437,7 @@ async fn a_peer_flooding_hostile_frames_is_cut_off_every_time_and_honest_sync_go
     );
     assert!(cut_off > 0);
     assert_eq!(a.get("/api/v1/status").await.0, 200);
-    let rss_kib = crate::support::rss_kib(pid);
-    assert!(
-        rss_kib < 512 * 1024,
-        "node RSS {rss_kib} KiB after the flood"
-    );
+    crate::support::assert_under_memory_cap(pid, "through the flood");
     let (s, item) = a
         .post(
             "/api/v1/trackers/cases/items",

@@ -390,12 +390,46 @@ pub fn is_root() -> bool {
 
 /// Resident memory of a process in KiB (`VmRSS`), 0 if it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident memory of a process in KiB (`VmHWM`, the high-water mark), 0 if it is gone.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The memory cap the flood and hostile-peer tests hold a node to, in KiB:
+/// `TRACKERSYNC_MEMORY_CAP_MIB` (default 512 MiB).
+pub fn memory_cap_kib() -> u64 {
+    std::env::var("TRACKERSYNC_MEMORY_CAP_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(512)
+        * 1024
+}
+
+/// Assert that a node's peak memory (since it started) stayed under the configured cap.
+pub fn assert_under_memory_cap(pid: u32, when: &str) {
+    let (peak, cap) = (peak_rss_kib(pid), memory_cap_kib());
+    assert!(peak > 0, "the node's memory could not be read {when}");
+    println!(
+        "node peak RSS {} MiB {when} (cap {} MiB)",
+        peak / 1024,
+        cap / 1024
+    );
+    assert!(
+        peak < cap,
+        "node peak RSS {peak} KiB {when}, over the {cap} KiB cap"
+    );
 }
