@@ -378,6 +378,7 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
     let mut lossy = vec![false; nodes];
     let mut slow = vec![false; nodes];
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut heal_times: Vec<std::time::Duration> = Vec::new();
     *faults.entry("clock skew").or_default() = lab.skew.iter().filter(|s| **s != "+0s").count();
     let started = Instant::now();
     let mut samples: Vec<Vec<(f64, u64, usize, u64)>> = vec![Vec::new(); nodes];
@@ -435,6 +436,10 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         } else if roll < 69 && (split || down.iter().chain(&lossy).chain(&slow).any(|d| *d)) {
             heal(&mut lab, &mut down, &mut split, &mut lossy, &mut slow);
             *faults.entry("heal").or_default() += 1;
+            // Outside the soak, the workload pauses until the running nodes agree again.
+            if soak == 0 {
+                heal_times.push(agree(&slots, &items, seed, op).await);
+            }
         } else if let Some(n) = slots[i].node.as_ref() {
             let max_items = if soak > 0 { 500 } else { 8 };
             if items.len() < max_items && (items.is_empty() || rng.random_bool(0.05)) {
@@ -540,6 +545,14 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         }
     }
     println!("converged {:?} after healing", healed.elapsed());
+    heal_times.sort();
+    if let Some(max) = heal_times.last() {
+        println!(
+            "running nodes agreed after each of {} heals: p50 {:?}, max {max:?}",
+            heal_times.len(),
+            heal_times[heal_times.len() / 2]
+        );
+    }
     // Every node's incoming packets went through its delay queue (the latency fault's path).
     let queued: Vec<u64> = lab.faults.drain(..).map(LinkFaults::finish).collect();
     println!("packets through each node's delay queue: {queued:?}");
@@ -574,6 +587,34 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
                 );
             }
         }
+    }
+}
+
+/// Time until every running node holds the same items (the same JSON, or all without one),
+/// polled every 20 ms; fails the run (with its seed) if that takes longer than the sync
+/// timeout. Nodes killed and not yet restarted are left out: what only they hold has not
+/// left them yet.
+async fn agree(slots: &[Slot], items: &[String], seed: u64, op: usize) -> std::time::Duration {
+    let started = Instant::now();
+    loop {
+        let mut views: Vec<Vec<Value>> = Vec::new();
+        for n in slots.iter().filter_map(|s| s.node.as_ref()) {
+            let mut view = Vec::new();
+            for id in items {
+                let (s, item) = n.get(&format!("/api/v1/items/{id}")).await;
+                view.push(if s == 200 { item } else { Value::Null });
+            }
+            views.push(view);
+        }
+        if views.windows(2).all(|w| w[0] == w[1]) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < crate::support::SYNC_TIMEOUT,
+            "seed {seed}: the running nodes did not agree within {:?} of the heal at op {op}",
+            crate::support::SYNC_TIMEOUT
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
