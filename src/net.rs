@@ -1728,6 +1728,18 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
+            // Two pings in a row unanswered (libp2p reports no single failure): the link went
+            // silent, as across a partition that drops packets. The connection would hang
+            // on TCP retransmissions long after the network heals; close it, and the backoff
+            // dials a fresh one.
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            })) => {
+                tracing::info!(%peer, %error, "pings unanswered: closing the connection");
+                self.swarm.close_connection(connection);
+            }
             _ => {}
         }
     }

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Run iptables inside namespace `ns`.
-fn iptables(ns: &str, args: &[&str]) -> Result<(), String> {
+pub fn iptables(ns: &str, args: &[&str]) -> Result<(), String> {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", ns, "iptables", "-w"])
         .args(args)

@@ -2,7 +2,7 @@
 //! on a bridge the test builds (veth pairs; CI runs as root), each with its own clock skew
 //! (libfaketime, within the drift bound). A seeded nemesis, during a workload of creates and
 //! same-field edits on every node, isolates nodes (link down), splits the network in two
-//! (blackhole routes), drops packets (iptables `statistic`), delays them (an NFQUEUE
+//! (iptables drops), drops packets (iptables `statistic`), delays them (an NFQUEUE
 //! delayer: `tc netem` is not in this kernel, see `netfault`), heals it all, and SIGKILLs
 //! and restarts nodes. Needs root, iptables and faketime (`.ci/run` installs the last two
 //! when missing). After healing: every
@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 
 use crate::netfault::LinkFaults;
 use crate::support::{eventually, TestNode};
+
+/// The iptables chain in each namespace that holds a bipartition's drop rules.
+const PARTITION_CHAIN: &str = "TSPART";
 
 /// libfaketime, as Debian's `faketime` package installs it (the multithreaded variant).
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
@@ -159,6 +162,11 @@ impl Lab {
                 &mp,
             ]);
             sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &mp, "up"]);
+            // Bipartitions drop packets silently (a chain of their own, before the delay
+            // queue): peers find out by timeouts, as across a real partition.
+            crate::netfault::iptables(&ns, &["-N", PARTITION_CHAIN]).expect("iptables chain");
+            crate::netfault::iptables(&ns, &["-A", "INPUT", "-j", PARTITION_CHAIN])
+                .expect("iptables jump");
             let faults = LinkFaults::new(&ns, &format!("{veth}p"), i as u16)
                 .unwrap_or_else(|e| panic!("network faults for node {i}: {e}"));
             lab.faults.push(faults);
@@ -201,28 +209,19 @@ impl Lab {
         ]);
     }
 
-    /// Split the network: nodes in `side` and the others cannot reach each other (blackhole
-    /// routes in every namespace), or (`None`) join it again.
+    /// Split the network: nodes in `side` and the others drop each other's packets
+    /// (iptables, in every namespace), or (`None`) join it again.
     fn split(&self, side: Option<&[usize]>) {
         for i in 0..self.nodes {
-            let _ = Command::new("ip")
-                .args(["-n", &self.ns(i), "route", "flush", "type", "blackhole"])
-                .output();
-        }
-        let Some(side) = side else { return };
-        for i in 0..self.nodes {
-            for j in 0..self.nodes {
-                if side.contains(&i) != side.contains(&j) {
-                    sh(&[
-                        "ip",
-                        "-n",
-                        &self.ns(i),
-                        "route",
-                        "add",
-                        "blackhole",
-                        &format!("{}/32", self.ip(j)),
-                    ]);
-                }
+            crate::netfault::iptables(&self.ns(i), &["-F", PARTITION_CHAIN])
+                .expect("flush the partition chain");
+            let Some(side) = side else { continue };
+            for j in (0..self.nodes).filter(|j| side.contains(&i) != side.contains(j)) {
+                crate::netfault::iptables(
+                    &self.ns(i),
+                    &["-A", PARTITION_CHAIN, "-s", &self.ip(j), "-j", "DROP"],
+                )
+                .expect("partition rule");
             }
         }
     }
