@@ -4,8 +4,8 @@
 //! same-field edits on every node, isolates nodes (link down), splits the network in two
 //! (iptables drops), drops packets (iptables `statistic`), delays them (an NFQUEUE
 //! delayer: `tc netem` is not in this kernel, see `netfault`), heals it all, and SIGKILLs
-//! and restarts nodes. Needs root, iptables and faketime (`.ci/run` installs the last two
-//! when missing). After healing: every
+//! and restarts nodes. Needs root; uses iptables and faketime (`.ci/run` installs them when
+//! missing; without them the run leaves their faults out and says so). After healing: every
 //! acknowledged write is on every node, no value nobody wrote, identical items everywhere,
 //! and every field equals the acknowledged write with the highest (HLC, node). The seed is
 //! printed; `TRACKERSYNC_SEED` replays a run. Short tier: 3 nodes, 2,000 operations; the
