@@ -78,8 +78,6 @@ impl Node {
                 e => anyhow::Error::new(e).context("cannot open the store"),
             })?;
         let repo = Arc::new(repo);
-        let dir = config.data_dir.clone();
-        tokio::task::spawn_blocking(move || ensure_reserve(&dir));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let peer_id = identity.keypair.public().to_peer_id();
         let net = if config.listen.is_empty() {
@@ -130,6 +128,12 @@ impl Node {
                 tracing::error!(error = %e, "local API server failed");
             }
         });
+        // Before the node counts as started (only when the disk has room to spare: on a
+        // nearly full disk the reserve must not take the room the store and api-addr need).
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || ensure_reserve(&dir))
+            .await
+            .context("disk reserve task failed")?;
         if config.publish_api_addr {
             crate::config::write_private(
                 &config.data_dir.join(FILE_API_ADDR),
@@ -223,17 +227,34 @@ fn is_disk_full(e: &crate::repo::RepoError) -> bool {
     )
 }
 
-/// Set space aside for the next start on a full disk, unless it is already there (or there
-/// is no room for it now: then it is tried again at the next start).
+/// Set space aside for the next start on a full disk, unless it is already there, or the
+/// disk has less than twice its size free: then setting it aside would itself fill the disk
+/// under the store's writes, and it is tried again at the next start.
 fn ensure_reserve(dir: &std::path::Path) {
     let path = dir.join(FILE_RESERVE);
     if std::fs::metadata(&path).is_ok_and(|m| m.len() as usize == RESERVE_BYTES) {
+        return;
+    }
+    if free_bytes(dir).is_some_and(|free| free < 2 * RESERVE_BYTES as u64) {
+        tracing::warn!("the disk is nearly full: no reserve set aside; a full disk may keep the node from starting");
         return;
     }
     if let Err(e) = write_zeros(&path, RESERVE_BYTES) {
         let _ = std::fs::remove_file(&path);
         tracing::warn!(error = %e, "cannot set aside the disk reserve; a full disk may keep the node from starting");
     }
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct from a NUL-terminated path; nothing else.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Whether the data directory takes writes again: room for half the reserve.
