@@ -429,6 +429,9 @@ struct PeerState {
     wanted: Option<Vec<String>>,
     last_sent: Option<chrono::DateTime<chrono::Utc>>,
     last_error: Option<String>,
+    /// Dropped for misbehaving: not dialed before this, and the reason stays in
+    /// `last_error` (the failures its disconnection causes do not replace it).
+    paused_until: Option<Instant>,
 }
 
 impl PeerState {
@@ -459,7 +462,13 @@ impl PeerState {
             wanted: None,
             last_sent: None,
             last_error: None,
+            paused_until: None,
         }
+    }
+
+    /// Whether the peer is paused for misbehaving.
+    fn paused(&self) -> bool {
+        self.paused_until.is_some_and(|t| t > Instant::now())
     }
 
     /// Forget pipelined work: the next pull starts again from the last checkpoint reached.
@@ -902,7 +911,7 @@ impl EventLoop {
     }
 
     fn backoff(&mut self, peer: PeerId, error: &str) {
-        if let Some(s) = self.peers.get_mut(&peer) {
+        if let Some(s) = self.peers.get_mut(&peer).filter(|s| !s.paused()) {
             s.retry_at = Some(Instant::now() + s.backoff);
             s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
             s.last_error = Some(error.to_string());
@@ -1666,7 +1675,9 @@ impl EventLoop {
                 if let Some(s) = self.peers.get_mut(&peer_id) {
                     s.reset_pull();
                     s.notify_in_flight = false;
-                    s.retry_at = Some(Instant::now() + s.backoff);
+                    if !s.paused() {
+                        s.retry_at = Some(Instant::now() + s.backoff);
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1732,12 +1743,13 @@ impl EventLoop {
             // silent, as across a partition that drops packets. The connection would hang
             // on TCP retransmissions long after the network heals; close it, and the backoff
             // dials a fresh one.
+            // (A peer without ping support is not judged by it.)
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
-                result: Err(error),
+                result: Err(ping::Failure::Timeout),
             })) => {
-                tracing::info!(%peer, %error, "pings unanswered: closing the connection");
+                tracing::info!(%peer, "pings unanswered: closing the connection");
                 self.swarm.close_connection(connection);
             }
             _ => {}
@@ -1809,7 +1821,9 @@ impl EventLoop {
                             });
                             if current {
                                 self.backoff(peer, &error.to_string());
-                            } else if let Some(s) = self.peers.get_mut(&peer) {
+                            } else if let Some(s) =
+                                self.peers.get_mut(&peer).filter(|s| !s.paused())
+                            {
                                 // The connection closed under it; redial backoff is set already.
                                 s.last_error = Some(error.to_string());
                             }
@@ -1826,7 +1840,9 @@ impl EventLoop {
                                 if s.epoch == epoch {
                                     s.reset_pull();
                                 }
-                                s.last_error = Some(error.to_string());
+                                if !s.paused() {
+                                    s.last_error = Some(error.to_string());
+                                }
                             }
                         }
                         Outbound::Notify => {
@@ -1866,6 +1882,7 @@ impl EventLoop {
             s.last_error = Some(why.to_string());
             s.reset_pull();
             s.retry_at = Some(Instant::now() + MISBEHAVIOUR_PAUSE);
+            s.paused_until = s.retry_at;
         }
         let _ = self.swarm.disconnect_peer_id(peer);
     }
