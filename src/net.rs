@@ -429,7 +429,7 @@ struct PeerState {
     wanted: Option<Vec<String>>,
     last_sent: Option<chrono::DateTime<chrono::Utc>>,
     last_error: Option<String>,
-    /// Dropped for misbehaving: not dialed before this, and the reason stays in
+    /// Cut off (`EventLoop::cut_off`): not dialed before this, and the reason stays in
     /// `last_error` (the failures its disconnection causes do not replace it).
     paused_until: Option<Instant>,
 }
@@ -466,7 +466,7 @@ impl PeerState {
         }
     }
 
-    /// Whether the peer is paused for misbehaving.
+    /// Whether the peer is paused after being cut off.
     fn paused(&self) -> bool {
         self.paused_until.is_some_and(|t| t > Instant::now())
     }
@@ -1786,6 +1786,12 @@ impl EventLoop {
                         .send_response(channel, refused("undecodable request"));
                     self.drop_peer(peer, &format!("sent an undecodable request: {why}"));
                 }
+                // Dripping bytes, or an honest peer on a very lossy link: cut off, but not
+                // paused as a misbehaving peer is; either side may connect again at once.
+                wire::Req::Slow(why) => {
+                    tracing::warn!(%peer, reason = %why, "disconnecting a peer whose request arrived too slowly");
+                    self.cut_off(peer, &format!("disconnected: {why}"), BACKOFF_MIN);
+                }
             },
             Event::Message {
                 peer,
@@ -1877,11 +1883,17 @@ impl EventLoop {
     /// A misbehaving peer: log once, disconnect, forget its in-flight state.
     fn drop_peer(&mut self, peer: PeerId, why: &str) {
         tracing::warn!(%peer, reason = why, "disconnecting misbehaving peer");
+        self.cut_off(peer, why, MISBEHAVIOUR_PAUSE);
+    }
+
+    /// Disconnect a peer and do not dial it for `pause`; meanwhile `why` stays its
+    /// `last_error` (the failures the disconnection causes do not replace it).
+    fn cut_off(&mut self, peer: PeerId, why: &str, pause: Duration) {
         self.end_session_with_error(peer, why, true);
         if let Some(s) = self.peers.get_mut(&peer) {
             s.last_error = Some(why.to_string());
             s.reset_pull();
-            s.retry_at = Some(Instant::now() + MISBEHAVIOUR_PAUSE);
+            s.retry_at = Some(Instant::now() + pause);
             s.paused_until = s.retry_at;
         }
         let _ = self.swarm.disconnect_peer_id(peer);

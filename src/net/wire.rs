@@ -103,13 +103,14 @@ pub static BYTES_IN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 pub static BYTES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A request as it crosses the wire. What we send is always `Msg`. What we receive is
-/// `Garbled` when the frame was over the limit, undecodable or dripped too slowly: libp2p
-/// reports a failed inbound read only in a debug log, so as an error the node would never
-/// learn that the peer misbehaves.
+/// `Garbled` when the frame was over the limit or undecodable, and `Slow` when it arrived
+/// slower than [`FRAME_MIN_RATE`] allows: libp2p reports a failed inbound read only in a
+/// debug log, so as an error the node would never learn of either.
 #[derive(Debug, Clone)]
 pub enum Req {
     Msg(pb::Request),
     Garbled(String),
+    Slow(String),
 }
 
 impl From<pb::Request> for Req {
@@ -131,7 +132,7 @@ pub const FRAME_MIN_RATE: u64 = 32 * 1024;
 
 fn too_slow(got: usize, len: usize) -> std::io::Error {
     std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
+        std::io::ErrorKind::TimedOut,
         format!("frame arrived too slowly ({got} of {len} bytes in time)"),
     )
 }
@@ -218,6 +219,7 @@ impl libp2p::request_response::Codec for Codec {
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 Ok(Req::Garbled(e.to_string()))
             }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(Req::Slow(e.to_string())),
             Err(e) => Err(e),
         }
     }
@@ -244,9 +246,9 @@ impl libp2p::request_response::Codec for Codec {
     {
         match req {
             Req::Msg(r) => write_frame(io, r.encode_to_vec(), MAX_REQUEST_BYTES).await,
-            Req::Garbled(_) => Err(std::io::Error::new(
+            Req::Garbled(_) | Req::Slow(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "a garbled request is only ever received",
+                "a garbled or slow request is only ever received",
             )),
         }
     }
@@ -363,7 +365,7 @@ mod tests {
             let err = read_frame(&mut io, MAX_REQUEST_BYTES, true)
                 .await
                 .expect_err("stalled");
-            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+            assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
             assert!(err.to_string().contains("too slowly"), "{err}");
             // The deadline counts from the stream's start: about a second for a small frame.
             let waited = started.elapsed();
