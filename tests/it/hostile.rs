@@ -107,6 +107,20 @@ fn raw_swarm_with(
         .build()
 }
 
+/// `node`'s status entry for `peer`, once it shows the peer disconnected (the node records a
+/// disconnection on its own loop, a moment after the connection closes).
+async fn disconnected_entry(node: &TestNode, peer: &libp2p::PeerId) -> serde_json::Value {
+    crate::support::eventually("the node's view of the disconnected peer", || async {
+        let (_, peers) = node.get("/api/v1/peers").await;
+        peers
+            .as_array()?
+            .iter()
+            .find(|p| p["peer_id"] == peer.to_string() && p["connected"] == false)
+            .cloned()
+    })
+    .await
+}
+
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(body);
@@ -183,16 +197,7 @@ async fn garbage_frames_get_a_peer_disconnected_while_honest_peers_sync() {
     let took = sent_at.expect("connected").elapsed();
     println!("hostile peer disconnected {took:?} after its first garbage");
 
-    // a records the disconnection on its own loop; wait for its view to catch up.
-    let entry = crate::support::eventually("a's view of the hostile peer", || async {
-        let (_, peers) = a.get("/api/v1/peers").await;
-        peers
-            .as_array()?
-            .iter()
-            .find(|p| p["peer_id"] == hostile_id.to_string() && p["connected"] == false)
-            .cloned()
-    })
-    .await;
+    let entry = disconnected_entry(&a, &hostile_id).await;
     assert!(
         entry["last_error"].as_str().is_some_and(|e| !e.is_empty()),
         "{entry}"
@@ -265,15 +270,7 @@ async fn a_peer_dripping_frames_is_cut_off_and_honest_sync_goes_on() {
         "the node kept a dripping peer for 30 s (its request timeout is 60 s)"
     );
     let took = connected_at.expect("connected").elapsed();
-    let entry = crate::support::eventually("a's view of the dripping peer", || async {
-        let (_, peers) = a.get("/api/v1/peers").await;
-        peers
-            .as_array()?
-            .iter()
-            .find(|p| p["peer_id"] == dripper_id.to_string() && p["connected"] == false)
-            .cloned()
-    })
-    .await;
+    let entry = disconnected_entry(&a, &dripper_id).await;
     assert!(
         entry["last_error"]
             .as_str()
