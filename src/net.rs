@@ -1870,11 +1870,10 @@ impl EventLoop {
                     self.drop_peer(peer, &format!("sent an undecodable response: {error}"));
                 }
             }
+            // Undecodable and dripped requests arrive as `wire::Req::Garbled` / `Slow`; what
+            // fails here (timeouts, closed streams) is not the peer's fault.
             Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, error = %error, "inbound request failed");
-                if matches!(&error, request_response::InboundFailure::Io(e) if garbled_io(e)) {
-                    self.drop_peer(peer, &format!("sent an undecodable request: {error}"));
-                }
             }
             Event::ResponseSent { .. } => {}
         }

@@ -119,30 +119,18 @@ impl Lab {
             sh(&["ip", "link", "set", &format!("{veth}p"), "netns", &ns]);
             sh(&["ip", "link", "set", &veth, "master", &lab.bridge()]);
             sh(&["ip", "link", "set", &veth, "up"]);
-            sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             sh(&[
                 "ip",
-                "netns",
-                "exec",
+                "-n",
                 &ns,
-                "ip",
                 "addr",
                 "add",
                 &format!("{}/24", lab.ip(i)),
                 "dev",
                 &format!("{veth}p"),
             ]);
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns,
-                "ip",
-                "link",
-                "set",
-                &format!("{veth}p"),
-                "up",
-            ]);
+            sh(&["ip", "-n", &ns, "link", "set", &format!("{veth}p"), "up"]);
             // A management link of its own, for the test to reach the node's API while its
             // network link is down.
             let (m, mp) = (lab.mgmt(i), format!("{}p", lab.mgmt(i)));
@@ -159,17 +147,15 @@ impl Lab {
             sh(&["ip", "link", "set", &m, "up"]);
             sh(&[
                 "ip",
-                "netns",
-                "exec",
+                "-n",
                 &ns,
-                "ip",
                 "addr",
                 "add",
                 &format!("{}/24", lab.api_ip(i)),
                 "dev",
                 &mp,
             ]);
-            sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &mp, "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", &mp, "up"]);
             if !iptables {
                 continue;
             }
