@@ -210,10 +210,19 @@ impl Node {
         if self.config.publish_api_addr {
             let _ = std::fs::remove_file(self.config.data_dir.join(FILE_API_ADDR));
         }
+        // The node's handles share the store; the last one lets it close with a checkpoint.
+        drop(self.info);
         let repo = self.repo;
-        tokio::task::spawn_blocking(move || repo.store().flush())
-            .await
-            .context("flush task failed")??;
+        tokio::task::spawn_blocking(move || match Arc::try_unwrap(repo) {
+            Ok(repo) => repo.close(),
+            Err(repo) => {
+                // A task still holds the store: flush it; the next start replays the log.
+                tracing::debug!("store still shared at shutdown: flushed, not checkpointed");
+                repo.store().flush().map_err(Into::into)
+            }
+        })
+        .await
+        .context("flush task failed")??;
         tracing::info!("node stopped");
         Ok(())
     }

@@ -201,6 +201,12 @@ impl Repo {
         &self.store
     }
 
+    /// Flush and close the store, leaving it quick to open next time
+    /// ([`Store::close_with_checkpoint`]).
+    pub fn close(self) -> Result<()> {
+        Ok(self.store.close_with_checkpoint()?)
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<ItemEvent> {
         self.events.subscribe()
     }

@@ -109,6 +109,17 @@ impl TestNode {
         self.child.kill().await.expect("kill node");
     }
 
+    /// Stop the node as a service manager would (SIGTERM) and wait for it to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("node is running") as libc::pid_t;
+        // SAFETY: sends a signal to our own child process; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("node exits within 30 s of SIGTERM")
+            .expect("wait for node")
+    }
+
     pub async fn request(
         &self,
         method: reqwest::Method,
