@@ -11,7 +11,8 @@ use crate::hlc::{NodeId, SystemClock, DEFAULT_MAX_DRIFT_MS};
 use crate::repo::{RemoteDoc, Repo};
 use crate::store::DocKind;
 
-/// Decode bytes as every wire message and convert what decodes, as the network loop does.
+/// Decode bytes as every wire message (plain, and as a deflated frame) and convert what
+/// decodes, as the network loop does.
 pub fn wire_decode(data: &[u8]) {
     use prost::Message;
     if let Ok(req) = crate::net::pb::Request::decode(data) {
@@ -22,7 +23,11 @@ pub fn wire_decode(data: &[u8]) {
             }
         }
     }
-    if let Ok(res) = crate::net::pb::Response::decode(data) {
+    let inflated = crate::net::wire_inflate_response(data);
+    for res in [crate::net::pb::Response::decode(data).ok(), inflated.ok()]
+        .into_iter()
+        .flatten()
+    {
         if let Some(crate::net::pb::response::Body::Pull(p)) = res.body {
             for e in p.entries {
                 let _ = crate::net::wire_doc(e);

@@ -28,6 +28,9 @@ pub struct Metrics {
     sync_out: Gauge,
     pulls: Gauge,
     pushes: Gauge,
+    messages_out: Gauge,
+    deflated_out: Gauge,
+    payload_out: Gauge,
 }
 
 impl Default for Metrics {
@@ -91,7 +94,28 @@ impl Metrics {
             "Live pushes from peers taken in place of a pull",
             pushes.clone(),
         );
+        let messages_out = Gauge::default();
+        registry.register(
+            "sync_messages_sent",
+            "Sync protocol messages sent to peers",
+            messages_out.clone(),
+        );
+        let deflated_out = Gauge::default();
+        registry.register(
+            "sync_messages_sent_deflated",
+            "Of the sync messages sent, those deflated (peers that speak the deflate protocol)",
+            deflated_out.clone(),
+        );
+        let payload_out = Gauge::default();
+        registry.register(
+            "sync_payload_bytes_sent",
+            "Encoded bytes of the sync messages sent, before compression",
+            payload_out.clone(),
+        );
         Metrics {
+            messages_out,
+            deflated_out,
+            payload_out,
             pulls,
             pushes,
             sync_in,
@@ -127,6 +151,10 @@ impl Metrics {
         let (bytes_in, bytes_out) = crate::net::wire_bytes();
         self.sync_in.set(bytes_in as i64);
         self.sync_out.set(bytes_out as i64);
+        let (messages, deflated, payload) = crate::net::wire_messages_out();
+        self.messages_out.set(messages as i64);
+        self.deflated_out.set(deflated as i64);
+        self.payload_out.set(payload as i64);
         let (pulls, pushes) = crate::net::pull_counts();
         self.pulls.set(pulls as i64);
         self.pushes.set(pushes as i64);

@@ -27,6 +27,23 @@ pub fn wire_doc(e: pb::Entry) -> Result<RemoteDoc, wire::WireError> {
     wire::doc_from_wire(e)
 }
 
+/// A frame payload on the deflate protocol, inflated (within the response limit) and decoded
+/// as a response, as the codec does.
+pub fn wire_inflate_response(frame: &[u8]) -> std::io::Result<pb::Response> {
+    wire::unpack_deflated(frame.to_vec(), wire::MAX_RESPONSE_BYTES)
+}
+
+/// Sync messages written by this process so far: (messages, of which deflated, their bytes
+/// before compression).
+pub fn wire_messages_out() -> (u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        wire::MESSAGES_OUT.load(Relaxed),
+        wire::DEFLATED_OUT.load(Relaxed),
+        wire::PAYLOAD_OUT.load(Relaxed),
+    )
+}
+
 /// Sync bytes (read, written) by this process so far.
 pub fn wire_bytes() -> (u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -282,7 +299,10 @@ impl Net {
             .with_behaviour(|key| {
                 let rr = request_response::Behaviour::with_codec(
                     wire::Codec,
-                    [(wire::PROTOCOL, ProtocolSupport::Full)],
+                    [
+                        (wire::PROTOCOL_DEFLATE, ProtocolSupport::Full),
+                        (wire::PROTOCOL, ProtocolSupport::Full),
+                    ],
                     request_response::Config::default()
                         .with_request_timeout(REQUEST_TIMEOUT)
                         .with_max_concurrent_streams(64),

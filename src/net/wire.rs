@@ -18,6 +18,11 @@ pub mod pb {
 /// Protocol version we speak; requests from other versions are refused.
 pub const VERSION: u32 = 1;
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/trackersync/sync/1");
+/// The same messages with each frame's payload raw-deflated (fast level). Offered first and
+/// taken when both sides speak it: a page of changes repeats the same ids, actor, node and
+/// field names entry after entry, and a node catching up over a slow link pays for bytes.
+/// Frame limits hold for the compressed frame and for what it inflates to.
+pub const PROTOCOL_DEFLATE: StreamProtocol = StreamProtocol::new("/trackersync/sync/1/deflate");
 /// Largest request frame (requests carry ids and heads only).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Largest response frame; pull pages are cut well below it (see `PULL_MAX_BYTES`).
@@ -101,6 +106,11 @@ pub fn doc_to_wire(d: RemoteDoc) -> pb::Entry {
 /// Sync bytes this process has read and written (frames, with their length prefixes).
 pub static BYTES_IN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 pub static BYTES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Messages written, and their encoded bytes before any compression.
+pub static MESSAGES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static PAYLOAD_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Of those, messages written deflated.
+pub static DEFLATED_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A request as it crosses the wire. What we send is always `Msg`. What we receive is
 /// `Garbled` when the frame was over the limit or undecodable, and `Slow` when it arrived
@@ -200,6 +210,69 @@ async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
     io.close().await
 }
 
+fn deflates(protocol: &StreamProtocol) -> bool {
+    protocol.as_ref() == PROTOCOL_DEFLATE.as_ref()
+}
+
+fn invalid(m: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, m)
+}
+
+/// A message's frame payload: its encoding, deflated on the deflate protocol. The limit is
+/// checked on the encoding, so what a peer inflates never exceeds it either.
+fn pack<M: Message>(m: &M, protocol: &StreamProtocol, max: usize) -> std::io::Result<Vec<u8>> {
+    let bytes = m.encode_to_vec();
+    if bytes.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("message of {} bytes over the {max}-byte limit", bytes.len()),
+        ));
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    MESSAGES_OUT.fetch_add(1, Relaxed);
+    PAYLOAD_OUT.fetch_add(bytes.len() as u64, Relaxed);
+    if !deflates(protocol) {
+        return Ok(bytes);
+    }
+    DEFLATED_OUT.fetch_add(1, Relaxed);
+    use std::io::Write;
+    let mut z = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(bytes.len() / 2 + 64),
+        flate2::Compression::fast(),
+    );
+    z.write_all(&bytes)?;
+    z.finish()
+}
+
+/// A frame payload back to a message: inflated on the deflate protocol, never past `max`
+/// bytes (a peer's compression bomb is an undecodable frame), then decoded.
+fn unpack<M: Message + Default>(
+    frame: Vec<u8>,
+    protocol: &StreamProtocol,
+    max: usize,
+) -> std::io::Result<M> {
+    if !deflates(protocol) {
+        return decode(&frame);
+    }
+    use std::io::Read;
+    let mut out = Vec::with_capacity((frame.len() * 4).min(max));
+    flate2::read::DeflateDecoder::new(frame.as_slice())
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| invalid(format!("bad compressed frame: {e}")))?;
+    if out.len() > max {
+        return Err(invalid(format!("frame inflates past the {max}-byte limit")));
+    }
+    decode(&out)
+}
+
+pub(crate) fn unpack_deflated<M: Message + Default>(
+    frame: Vec<u8>,
+    max: usize,
+) -> std::io::Result<M> {
+    unpack(frame, &PROTOCOL_DEFLATE, max)
+}
+
 fn decode<M: Message + Default>(b: &[u8]) -> std::io::Result<M> {
     M::decode(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
@@ -209,12 +282,12 @@ impl libp2p::request_response::Codec for Codec {
     type Request = Req;
     type Response = pb::Response;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Req>
+    async fn read_request<T>(&mut self, p: &StreamProtocol, io: &mut T) -> std::io::Result<Req>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
         let read = read_frame(io, MAX_REQUEST_BYTES, true).await;
-        match read.and_then(|frame| decode(&frame)) {
+        match read.and_then(|frame| unpack(frame, p, MAX_REQUEST_BYTES)) {
             Ok(r) => Ok(Req::Msg(r)),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 Ok(Req::Garbled(e.to_string()))
@@ -226,18 +299,19 @@ impl libp2p::request_response::Codec for Codec {
 
     async fn read_response<T>(
         &mut self,
-        _: &StreamProtocol,
+        p: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<pb::Response>
     where
         T: futures::AsyncRead + Unpin + Send,
     {
-        decode(&read_frame(io, MAX_RESPONSE_BYTES, false).await?)
+        let frame = read_frame(io, MAX_RESPONSE_BYTES, false).await?;
+        unpack(frame, p, MAX_RESPONSE_BYTES)
     }
 
     async fn write_request<T>(
         &mut self,
-        _: &StreamProtocol,
+        p: &StreamProtocol,
         io: &mut T,
         req: Req,
     ) -> std::io::Result<()>
@@ -245,7 +319,10 @@ impl libp2p::request_response::Codec for Codec {
         T: futures::AsyncWrite + Unpin + Send,
     {
         match req {
-            Req::Msg(r) => write_frame(io, r.encode_to_vec(), MAX_REQUEST_BYTES).await,
+            Req::Msg(r) => {
+                let payload = pack(&r, p, MAX_REQUEST_BYTES)?;
+                write_frame(io, payload, MAX_REQUEST_BYTES).await
+            }
             Req::Garbled(_) | Req::Slow(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "a garbled or slow request is only ever received",
@@ -255,14 +332,15 @@ impl libp2p::request_response::Codec for Codec {
 
     async fn write_response<T>(
         &mut self,
-        _: &StreamProtocol,
+        p: &StreamProtocol,
         io: &mut T,
         res: pb::Response,
     ) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        write_frame(io, res.encode_to_vec(), MAX_RESPONSE_BYTES).await
+        let payload = pack(&res, p, MAX_RESPONSE_BYTES)?;
+        write_frame(io, payload, MAX_RESPONSE_BYTES).await
     }
 }
 
@@ -314,6 +392,64 @@ mod tests {
         for c in cases {
             assert!(doc_from_wire(c.clone()).is_err(), "{c:?}");
         }
+    }
+
+    fn page(n: usize) -> pb::Response {
+        let entry = |i: usize| pb::Entry {
+            id: (i as u128).to_be_bytes().to_vec(),
+            kind: pb::DocKind::Item as i32,
+            tracker: vec![2; 16],
+            heads: vec![vec![3; 32]],
+            data: b"status open priority high assignee amina".repeat(3),
+            seq: i as u64,
+        };
+        pb::Response {
+            version: VERSION,
+            body: Some(pb::response::Body::Pull(pb::PullReply {
+                entries: (0..n).map(entry).collect(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn deflated_frames_round_trip_smaller_and_plain_ones_unchanged() {
+        let msg = page(200);
+        let plain = pack(&msg, &PROTOCOL, MAX_RESPONSE_BYTES).expect("plain");
+        assert_eq!(plain, msg.encode_to_vec());
+        let packed = pack(&msg, &PROTOCOL_DEFLATE, MAX_RESPONSE_BYTES).expect("deflate");
+        assert!(
+            packed.len() * 3 < plain.len(),
+            "{} -> {}",
+            plain.len(),
+            packed.len()
+        );
+        let back: pb::Response =
+            unpack(packed, &PROTOCOL_DEFLATE, MAX_RESPONSE_BYTES).expect("inflate");
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn a_compression_bomb_or_garbage_is_undecodable_not_inflated() {
+        // 64 MiB of zeros deflate to about 64 KiB; the limit stops inflation just past it.
+        use std::io::Write;
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&vec![0u8; 64 << 20]).expect("deflate");
+        let bomb = z.finish().expect("deflate");
+        assert!(bomb.len() < MAX_REQUEST_BYTES);
+        let err =
+            unpack::<pb::Request>(bomb, &PROTOCOL_DEFLATE, MAX_REQUEST_BYTES).expect_err("bomb");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("inflates past"), "{err}");
+        let err = unpack::<pb::Request>(vec![0xff; 100], &PROTOCOL_DEFLATE, MAX_REQUEST_BYTES)
+            .expect_err("garbage");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn an_oversized_message_is_refused_before_compression() {
+        let err = pack(&page(20_000), &PROTOCOL_DEFLATE, MAX_REQUEST_BYTES).expect_err("big");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     }
 
     #[tokio::test]

@@ -402,6 +402,18 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
     })
     .await;
     let full_transfer = a.metric("trackersync_sync_bytes_sent").await;
+    // Both speak the deflate protocol: every message went deflated, in fewer bytes.
+    let sent = a.metric("trackersync_sync_messages_sent").await;
+    assert!(sent > 0.0);
+    assert_eq!(
+        a.metric("trackersync_sync_messages_sent_deflated").await,
+        sent
+    );
+    let payload = a.metric("trackersync_sync_payload_bytes_sent").await;
+    assert!(
+        full_transfer * 2.0 < payload,
+        "{payload} bytes of messages went as {full_transfer} on the wire"
+    );
 
     a.unpair(&b).await;
     eventually("unpaired", || async {
@@ -586,4 +598,92 @@ async fn skewed_clocks_within_the_bound_converge_on_the_latest_write() {
     .await;
     let (_, now) = nodes[0].get(&format!("/api/v1/items/{id}")).await;
     assert!(now["fields"].get("status").is_none(), "{now}");
+}
+
+/// A peer that speaks only the plain protocol (a node from before the deflate protocol)
+/// still gets the feed, uncompressed: protocols are negotiated per stream.
+#[tokio::test]
+async fn a_peer_without_the_deflate_protocol_still_syncs() {
+    use futures::StreamExt;
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{noise, tcp, yamux};
+    use trackersync::net::wire::{self, pb};
+
+    let a = TestNode::start().await;
+    a.cases_tracker().await;
+    for n in 0..20 {
+        let (s, _) = a
+            .post(
+                "/api/v1/trackers/cases/items",
+                json!({"fields": {"name": format!("Case {n}")}}),
+            )
+            .await;
+        assert_eq!(s, 201);
+    }
+    let mut old = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                wire::Codec,
+                [(wire::PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .expect("behaviour")
+        .build();
+    let (s, _) = a
+        .post(
+            "/api/v1/peers",
+            json!({"peer_id": old.local_peer_id().to_string()}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let deflated_before = a.metric("trackersync_sync_messages_sent_deflated").await;
+    let a_addr: libp2p::Multiaddr = a.p2p_addr().await.parse().expect("addr");
+    old.dial(a_addr).expect("dial");
+    let pull = pb::Request {
+        version: wire::VERSION,
+        body: Some(pb::request::Body::Pull(pb::Pull {
+            since: 0,
+            max_entries: 100,
+            ..Default::default()
+        })),
+    };
+    let page = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match old.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    old.behaviour_mut()
+                        .send_request(&peer_id, pull.clone().into());
+                }
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                }) => return response,
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    error, ..
+                }) => panic!("pull failed: {error}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a page within 20 s");
+    let Some(pb::response::Body::Pull(page)) = page.body else {
+        panic!("not a page: {page:?}");
+    };
+    // The tracker and its 20 items.
+    assert_eq!(page.entries.len(), 21, "{} entries", page.entries.len());
+    assert_eq!(
+        a.metric("trackersync_sync_messages_sent_deflated").await,
+        deflated_before,
+        "nothing went deflated to a peer that cannot inflate it"
+    );
 }
