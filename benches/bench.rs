@@ -698,6 +698,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     b.stop().await;
     let (k, edit_bytes) = edit_round(&a, &page_ids, n, 2).await?;
     let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
+    let a_payload0 = a.metric("trackersync_sync_payload_bytes_sent").await;
     let t0 = Instant::now();
     b = RunningNode::start(&b_dir, &LISTEN).await?;
     let spawn_to_api = t0.elapsed();
@@ -707,11 +708,13 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     .await?;
     let secs = t0.elapsed().as_secs_f64();
     let sent = a.metric("trackersync_sync_bytes_sent").await - a_sent0;
+    // The same messages before compression (deflate protocol).
+    let payload = a.metric("trackersync_sync_payload_bytes_sent").await - a_payload0;
     let b_in = b.metric("trackersync_sync_bytes_received").await;
     let b_out = b.metric("trackersync_sync_bytes_sent").await;
     emit(
         json!({"bench": "sync", "scenario": "catch_up_restart", "n": n, "items": k, "seconds_from_spawn": secs,
-        "seconds_after_api_up": secs - spawn_to_api.as_secs_f64(), "bytes_a_to_b": sent, "bytes_b_in": b_in, "bytes_b_out": b_out,
+        "seconds_after_api_up": secs - spawn_to_api.as_secs_f64(), "bytes_a_to_b": sent, "payload_bytes_a_to_b": payload, "bytes_b_in": b_in, "bytes_b_out": b_out,
         "edit_json_bytes": edit_bytes, "peak_rss_mb_b": b.rss_mb().1}),
     );
 
