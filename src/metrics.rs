@@ -29,7 +29,7 @@ pub struct Metrics {
     pulls: Gauge,
     pushes: Gauge,
     messages_out: Gauge,
-    deflated_out: Gauge,
+    plain_out: Gauge,
     payload_out: Gauge,
 }
 
@@ -100,11 +100,11 @@ impl Metrics {
             "Sync protocol messages sent to peers",
             messages_out.clone(),
         );
-        let deflated_out = Gauge::default();
+        let plain_out = Gauge::default();
         registry.register(
-            "sync_messages_sent_deflated",
-            "Of the sync messages sent, those deflated (peers that speak the deflate protocol)",
-            deflated_out.clone(),
+            "sync_messages_sent_plain",
+            "Of the sync messages sent, those not deflated (peers without the deflate protocol)",
+            plain_out.clone(),
         );
         let payload_out = Gauge::default();
         registry.register(
@@ -114,7 +114,7 @@ impl Metrics {
         );
         Metrics {
             messages_out,
-            deflated_out,
+            plain_out,
             payload_out,
             pulls,
             pushes,
@@ -151,9 +151,9 @@ impl Metrics {
         let (bytes_in, bytes_out) = crate::net::wire_bytes();
         self.sync_in.set(bytes_in as i64);
         self.sync_out.set(bytes_out as i64);
-        let (messages, deflated, payload) = crate::net::wire_messages_out();
+        let (messages, plain, payload) = crate::net::wire_messages_out();
         self.messages_out.set(messages as i64);
-        self.deflated_out.set(deflated as i64);
+        self.plain_out.set(plain as i64);
         self.payload_out.set(payload as i64);
         let (pulls, pushes) = crate::net::pull_counts();
         self.pulls.set(pulls as i64);

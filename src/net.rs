@@ -33,13 +33,13 @@ pub fn wire_inflate_response(frame: &[u8]) -> std::io::Result<pb::Response> {
     wire::unpack_deflated(frame.to_vec(), wire::MAX_RESPONSE_BYTES)
 }
 
-/// Sync messages written by this process so far: (messages, of which deflated, their bytes
+/// Sync messages written by this process so far: (messages, of which plain, their bytes
 /// before compression).
 pub fn wire_messages_out() -> (u64, u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
     (
         wire::MESSAGES_OUT.load(Relaxed),
-        wire::DEFLATED_OUT.load(Relaxed),
+        wire::PLAIN_OUT.load(Relaxed),
         wire::PAYLOAD_OUT.load(Relaxed),
     )
 }

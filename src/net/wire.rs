@@ -109,8 +109,8 @@ pub static BYTES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// Messages written, and their encoded bytes before any compression.
 pub static MESSAGES_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 pub static PAYLOAD_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// Of those, messages written deflated.
-pub static DEFLATED_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Of those, messages written plain (to peers without the deflate protocol).
+pub static PLAIN_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A request as it crosses the wire. What we send is always `Msg`. What we receive is
 /// `Garbled` when the frame was over the limit or undecodable, and `Slow` when it arrived
@@ -232,9 +232,9 @@ fn pack<M: Message>(m: &M, protocol: &StreamProtocol, max: usize) -> std::io::Re
     MESSAGES_OUT.fetch_add(1, Relaxed);
     PAYLOAD_OUT.fetch_add(bytes.len() as u64, Relaxed);
     if !deflates(protocol) {
+        PLAIN_OUT.fetch_add(1, Relaxed);
         return Ok(bytes);
     }
-    DEFLATED_OUT.fetch_add(1, Relaxed);
     use std::io::Write;
     let mut z = flate2::write::DeflateEncoder::new(
         Vec::with_capacity(bytes.len() / 2 + 64),

@@ -403,12 +403,8 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
     .await;
     let full_transfer = a.metric("trackersync_sync_bytes_sent").await;
     // Both speak the deflate protocol: every message went deflated, in fewer bytes.
-    let sent = a.metric("trackersync_sync_messages_sent").await;
-    assert!(sent > 0.0);
-    assert_eq!(
-        a.metric("trackersync_sync_messages_sent_deflated").await,
-        sent
-    );
+    assert!(a.metric("trackersync_sync_messages_sent").await > 0.0);
+    assert_eq!(a.metric("trackersync_sync_messages_sent_plain").await, 0.0);
     // How much depends on batching: one page of 200 items deflates to under half; under
     // load the items may go one push each, which still saves a good part.
     let payload = a.metric("trackersync_sync_payload_bytes_sent").await;
@@ -647,7 +643,7 @@ async fn a_peer_without_the_deflate_protocol_still_syncs() {
         )
         .await;
     assert_eq!(s, 201);
-    let deflated_before = a.metric("trackersync_sync_messages_sent_deflated").await;
+    let plain_before = a.metric("trackersync_sync_messages_sent_plain").await;
     let a_addr: libp2p::Multiaddr = a.p2p_addr().await.parse().expect("addr");
     old.dial(a_addr).expect("dial");
     let pull = pb::Request {
@@ -683,9 +679,6 @@ async fn a_peer_without_the_deflate_protocol_still_syncs() {
     };
     // The tracker and its 20 items.
     assert_eq!(page.entries.len(), 21, "{} entries", page.entries.len());
-    assert_eq!(
-        a.metric("trackersync_sync_messages_sent_deflated").await,
-        deflated_before,
-        "nothing went deflated to a peer that cannot inflate it"
-    );
+    // The page went plain (the node has no other peer to write to).
+    assert!(a.metric("trackersync_sync_messages_sent_plain").await > plain_before);
 }
