@@ -4,9 +4,9 @@
 //! syncing.
 
 use futures::StreamExt;
-use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{noise, tcp, yamux, Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -47,23 +47,7 @@ async fn floods_of_dials_and_connections_leave_the_node_serving_its_peers() {
 
     // 1. An unauthorized peer dials 1,000 times and asks for the feed each time: every
     // connection is closed and it never gets a page.
-    let mut intruder = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                wire::Codec,
-                [(wire::PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default(),
-            )
-        })
-        .expect("behaviour")
-        .build();
+    let mut intruder = crate::support::plain_sync_swarm();
     let pull = pb::Request {
         version: wire::VERSION,
         body: Some(pb::request::Body::Pull(pb::Pull {

@@ -444,3 +444,28 @@ pub fn assert_under_memory_cap(pid: u32, when: &str) {
         "node peak RSS {peak} KiB {when}, over the {cap} KiB cap"
     );
 }
+
+/// A libp2p swarm of our own that speaks only the plain sync protocol with the node's codec:
+/// a peer from before the deflate protocol, or an intruder.
+pub fn plain_sync_swarm(
+) -> libp2p::Swarm<libp2p::request_response::Behaviour<trackersync::net::wire::Codec>> {
+    use libp2p::request_response::{self, ProtocolSupport};
+    use trackersync::net::wire;
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                wire::Codec,
+                [(wire::PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .expect("behaviour")
+        .build()
+}

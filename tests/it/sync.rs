@@ -603,9 +603,8 @@ async fn skewed_clocks_within_the_bound_converge_on_the_latest_write() {
 #[tokio::test]
 async fn a_peer_without_the_deflate_protocol_still_syncs() {
     use futures::StreamExt;
-    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::request_response;
     use libp2p::swarm::SwarmEvent;
-    use libp2p::{noise, tcp, yamux};
     use trackersync::net::wire::{self, pb};
 
     let a = TestNode::start().await;
@@ -619,23 +618,7 @@ async fn a_peer_without_the_deflate_protocol_still_syncs() {
             .await;
         assert_eq!(s, 201);
     }
-    let mut old = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                wire::Codec,
-                [(wire::PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default(),
-            )
-        })
-        .expect("behaviour")
-        .build();
+    let mut old = crate::support::plain_sync_swarm();
     let (s, _) = a
         .post(
             "/api/v1/peers",
