@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::support::TestNode;
-use trackersync::net::wire::{self, pb};
+use trackersync::net::wire::pb;
 
 fn peer_of(addr: &Multiaddr) -> PeerId {
     addr.iter()
@@ -48,14 +48,7 @@ async fn floods_of_dials_and_connections_leave_the_node_serving_its_peers() {
     // 1. An unauthorized peer dials 1,000 times and asks for the feed each time: every
     // connection is closed and it never gets a page.
     let mut intruder = crate::support::plain_sync_swarm();
-    let pull = pb::Request {
-        version: wire::VERSION,
-        body: Some(pb::request::Body::Pull(pb::Pull {
-            since: 0,
-            max_entries: 100,
-            ..Default::default()
-        })),
-    };
+    let pull = crate::support::pull_from_start();
     let mut pages = 0;
     for _ in 0..1000 {
         intruder.dial(a_addr.clone()).expect("dial");

@@ -469,3 +469,16 @@ pub fn plain_sync_swarm(
         .expect("behaviour")
         .build()
 }
+
+/// A pull of a node's whole feed (a page of at most 100 entries), as a peer's first pull.
+pub fn pull_from_start() -> trackersync::net::pb::Request {
+    use trackersync::net::{pb, wire};
+    pb::Request {
+        version: wire::VERSION,
+        body: Some(pb::request::Body::Pull(pb::Pull {
+            since: 0,
+            max_entries: 100,
+            ..Default::default()
+        })),
+    }
+}

@@ -605,7 +605,7 @@ async fn a_peer_without_the_deflate_protocol_still_syncs() {
     use futures::StreamExt;
     use libp2p::request_response;
     use libp2p::swarm::SwarmEvent;
-    use trackersync::net::wire::{self, pb};
+    use trackersync::net::wire::pb;
 
     let a = TestNode::start().await;
     a.cases_tracker().await;
@@ -629,14 +629,7 @@ async fn a_peer_without_the_deflate_protocol_still_syncs() {
     let plain_before = a.metric("trackersync_sync_messages_sent_plain").await;
     let a_addr: libp2p::Multiaddr = a.p2p_addr().await.parse().expect("addr");
     old.dial(a_addr).expect("dial");
-    let pull = pb::Request {
-        version: wire::VERSION,
-        body: Some(pb::request::Body::Pull(pb::Pull {
-            since: 0,
-            max_entries: 100,
-            ..Default::default()
-        })),
-    };
+    let pull = crate::support::pull_from_start();
     let page = tokio::time::timeout(std::time::Duration::from_secs(20), async {
         loop {
             match old.select_next_some().await {
