@@ -222,6 +222,15 @@ pub struct ServeArgs {
     /// process listings.
     #[arg(long, env = "TRACKERSYNC_JOIN_KEY", hide_env_values = true)]
     pub join_key: Option<String>,
+    /// Memory for caches, in MiB: half for decoded documents (each holds its whole edit
+    /// history), half for the store's page cache. Larger keeps more items hot.
+    #[arg(
+        long,
+        env = "TRACKERSYNC_CACHE_MB",
+        default_value_t = (crate::repo::DEFAULT_CACHE_BYTES >> 20) as u32,
+        value_parser = clap::value_parser!(u32).range(8..=1_048_576)
+    )]
+    pub cache_mb: u32,
     /// Shift this node's clock by milliseconds (testing clock skew).
     #[arg(
         long,
@@ -392,6 +401,7 @@ async fn serve(data: PathBuf, args: ServeArgs) -> Result<()> {
     }
     config.mdns = !args.no_mdns;
     config.join_key = args.join_key.filter(|k| !k.is_empty());
+    config.cache_bytes = u64::from(args.cache_mb) << 20;
     config.clock_offset_ms = args.clock_offset_ms;
     let mut node = Node::start(config.clone()).await?;
     println!(

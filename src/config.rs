@@ -42,6 +42,8 @@ pub struct Config {
     pub publish_api_addr: bool,
     /// Shared secret of a deployment: peers proving it are authorized on first contact.
     pub join_key: Option<String>,
+    /// Memory for caches (decoded documents and the store's page cache), in bytes.
+    pub cache_bytes: u64,
 }
 
 impl Config {
@@ -55,6 +57,7 @@ impl Config {
             clock_offset_ms: 0,
             publish_api_addr: true,
             join_key: None,
+            cache_bytes: crate::repo::DEFAULT_CACHE_BYTES,
         }
     }
 }

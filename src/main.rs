@@ -31,5 +31,6 @@ async fn main() -> std::process::ExitCode {
 
 // Automerge allocates and frees many short-lived column buffers; glibc's per-thread arenas
 // turned that into page faults (40% of write-path time in the kernel). mimalloc reuses pages.
+// Built without transparent huge pages (Cargo.toml: no_thp), so its RSS follows the heap.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

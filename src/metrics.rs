@@ -31,6 +31,8 @@ pub struct Metrics {
     messages_out: Gauge,
     plain_out: Gauge,
     payload_out: Gauge,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
 }
 
 impl Default for Metrics {
@@ -112,7 +114,21 @@ impl Metrics {
             "Encoded bytes of the sync messages sent, before compression",
             payload_out.clone(),
         );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "doc_cache_bytes",
+            "Estimated memory held by decoded documents in the cache",
+            cache_bytes.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "doc_cache_entries",
+            "Documents in the decoded-document cache",
+            cache_entries.clone(),
+        );
         Metrics {
+            cache_bytes,
+            cache_entries,
             messages_out,
             plain_out,
             payload_out,
@@ -158,6 +174,9 @@ impl Metrics {
         let (pulls, pushes) = crate::net::pull_counts();
         self.pulls.set(pulls as i64);
         self.pushes.set(pushes as i64);
+        let (cache_bytes, cache_entries) = repo.doc_cache_usage();
+        self.cache_bytes.set(cache_bytes as i64);
+        self.cache_entries.set(cache_entries as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

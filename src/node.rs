@@ -46,10 +46,10 @@ impl Node {
     pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Node> {
         let identity = Identity::init(&config.data_dir)?;
         let db = config.data_dir.join(DIR_DB);
-        let (node, drift) = (identity.node, config.max_drift_ms);
+        let (node, drift, cache) = (identity.node, config.max_drift_ms, config.cache_bytes);
         let reserve = config.data_dir.join(FILE_RESERVE);
         let repo = tokio::task::spawn_blocking(move || {
-            match Repo::open(&db, node, clock.clone(), drift) {
+            match Repo::open_with_cache(&db, node, clock.clone(), drift, cache) {
                 Err(e) if is_disk_full(&e) && reserve.exists() => {
                     // sled cannot open on a full disk: give it the space set aside.
                     tracing::warn!(
@@ -57,7 +57,7 @@ impl Node {
                         RESERVE_BYTES >> 20
                     );
                     let _ = std::fs::remove_file(&reserve);
-                    Repo::open(&db, node, clock, drift)
+                    Repo::open_with_cache(&db, node, clock, drift, cache)
                 }
                 r => r,
             }

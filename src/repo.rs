@@ -1,9 +1,9 @@
 //! The node's trackers and items: the one owner of their Automerge documents.
 //!
-//! Documents live in sled (via [`Store`]) and a bounded cache of decoded documents. Each cached
-//! document sits behind its own mutex, and only that single copy is ever written, so one actor
-//! id per node never produces two concurrent changes with the same sequence number. An entry is
-//! evicted only when no caller holds it.
+//! Documents live in sled (via [`Store`]) and a cache of decoded documents bounded by their
+//! estimated memory (`cache`). Each cached document sits behind its own mutex, and only that
+//! single copy is ever written, so one actor id per node never produces two concurrent changes
+//! with the same sequence number. An entry is evicted only when no caller holds it.
 //!
 //! Write path: lock the document, validate, stamp (HLC above everything visible), change, encode
 //! the increment, commit it to the store with indexes and counters in one batch, unlock, then
@@ -17,7 +17,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use automerge::AutoCommit;
-use lru::LruCache;
 use serde_json::{Map, Value as Json};
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -29,12 +28,15 @@ use crate::register::Cell;
 use crate::schema::TrackerDoc;
 use crate::store::{DocData, DocKind, DocMeta, DocWrite, Store, StoreError, Ticket};
 
+mod cache;
 mod guard;
 mod remote;
+use cache::{DocCache, Slot};
 pub use remote::{Applied, RemoteDoc};
 
-/// Decoded documents kept in memory (~17 KiB each for small items, see notes/crates.md 1.8).
-pub const DOC_CACHE_ENTRIES: usize = 4096;
+/// Memory for caches unless configured (`serve --cache-mb`): half for decoded documents
+/// (`cache`), half for sled's page cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 /// Incremental chunks after which a document is compacted into a new snapshot.
 pub const COMPACT_AFTER_CHUNKS: u32 = 32;
 /// Buffered change events per subscriber; a slower subscriber skips ahead (and is told so).
@@ -97,8 +99,6 @@ struct Loaded {
     max_hlc: Option<Hlc>,
 }
 
-type Slot = Arc<Mutex<Option<Loaded>>>;
-
 /// How a document write is indexed by the store.
 struct Indexing {
     kind: DocKind,
@@ -144,7 +144,7 @@ pub struct Repo {
     store: Store,
     clock: Arc<dyn Clock>,
     hlc: Mutex<HlcState>,
-    docs: Mutex<LruCache<Uuid, Slot>>,
+    docs: DocCache,
     trackers: RwLock<HashMap<Uuid, Tracker>>,
     /// Serializes tracker creation so names stay unique on this node.
     tracker_names: Mutex<()>,
@@ -160,7 +160,19 @@ impl Repo {
         clock: Arc<dyn Clock>,
         max_drift_ms: u64,
     ) -> Result<Repo> {
-        let store = Store::open(path)?;
+        Repo::open_with_cache(path, node, clock, max_drift_ms, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open with `cache_bytes` of memory for caches: half for decoded documents, half for the
+    /// store's page cache.
+    pub fn open_with_cache(
+        path: &Path,
+        node: NodeId,
+        clock: Arc<dyn Clock>,
+        max_drift_ms: u64,
+        cache_bytes: u64,
+    ) -> Result<Repo> {
+        let store = Store::open_with_cache(path, cache_bytes / 2)?;
         let mut hlc = HlcState::new(node, max_drift_ms);
         hlc.witness(store.hlc_high_water());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -169,7 +181,7 @@ impl Repo {
             store,
             clock,
             hlc: Mutex::new(hlc),
-            docs: Mutex::new(LruCache::unbounded()),
+            docs: DocCache::new((cache_bytes / 2) as usize),
             trackers: RwLock::new(HashMap::new()),
             tracker_names: Mutex::new(()),
             events,
@@ -183,7 +195,7 @@ impl Repo {
         // saw), so witnessing it restores the clock exactly.
         if let Some(id) = repo.store.last_written()? {
             let slot = repo.slot(id);
-            let mut guard = slot.lock().expect("doc lock");
+            let mut guard = slot.lock();
             if let Some(loaded) = repo.ensure_loaded(id, &mut guard)? {
                 if let Some(h) = loaded.max_hlc {
                     repo.hlc.lock().expect("hlc lock").witness(h);
@@ -236,28 +248,13 @@ impl Repo {
 
     // ---- document cache -------------------------------------------------------------------
 
-    fn slot(&self, id: Uuid) -> Slot {
-        let mut cache = self.docs.lock().expect("cache lock");
-        if let Some(s) = cache.get(&id) {
-            return s.clone();
-        }
-        let s: Slot = Arc::new(Mutex::new(None));
-        cache.put(id, s.clone());
-        // Evict least recently used entries nobody holds; held ones are promoted and skipped.
-        let mut budget = cache.len();
-        while cache.len() > DOC_CACHE_ENTRIES && budget > 0 {
-            budget -= 1;
-            let Some((k, v)) = cache.peek_lru() else {
-                break;
-            };
-            let k = *k;
-            if Arc::strong_count(v) == 1 {
-                cache.pop_lru();
-            } else {
-                cache.promote(&k);
-            }
-        }
-        s
+    /// Estimated bytes held by cached documents, and how many are cached.
+    pub fn doc_cache_usage(&self) -> (usize, usize) {
+        (self.docs.bytes(), self.docs.len())
+    }
+
+    fn slot(&self, id: Uuid) -> Slot<'_> {
+        self.docs.slot(id)
     }
 
     /// Decode a document from the store into `slot` if it is not there yet.
@@ -342,7 +339,7 @@ impl Repo {
 
     fn refresh_tracker(&self, id: Uuid) -> Result<Tracker> {
         let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
+        let mut guard = slot.lock();
         let loaded = self
             .ensure_loaded(id, &mut guard)?
             .ok_or_else(|| RepoError::TrackerNotFound(id.to_string()))?;
@@ -408,7 +405,7 @@ impl Repo {
         let hlc = self.stamp(None);
         let doc = TrackerDoc::create(self.node, hlc, name, &fields, policy)?;
         let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
+        let mut guard = slot.lock();
         *guard = Some(Loaded {
             doc,
             meta: None,
@@ -437,7 +434,7 @@ impl Repo {
         let tracker = self.tracker(reference)?;
         let id = tracker.id;
         let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
+        let mut guard = slot.lock();
         let loaded = self
             .ensure_loaded(id, &mut guard)?
             .ok_or_else(|| RepoError::TrackerNotFound(reference.to_string()))?;
@@ -529,7 +526,7 @@ impl Repo {
             origin: self.node,
         };
         let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
+        let mut guard = slot.lock();
         *guard = Some(Loaded {
             doc,
             meta: None,
@@ -568,7 +565,7 @@ impl Repo {
     ) -> Result<T> {
         let id = self.resolve_item(reference)?;
         let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
+        let mut guard = slot.lock();
         let loaded = self
             .ensure_loaded(id, &mut guard)?
             .ok_or_else(|| RepoError::ItemNotFound(reference.to_string()))?;
@@ -591,7 +588,7 @@ impl Repo {
         let _writing = self.store.begin_write();
         let id = self.resolve_item(reference)?;
         let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
+        let mut guard = slot.lock();
         let loaded = self
             .ensure_loaded(id, &mut guard)?
             .ok_or_else(|| RepoError::ItemNotFound(reference.to_string()))?;

@@ -107,7 +107,7 @@ impl Repo {
     /// Everything of `id` a peer with heads `have` lacks.
     pub fn fetch(&self, id: Uuid, have: &[[u8; 32]]) -> Result<Option<RemoteDoc>> {
         let slot = self.slot(id);
-        let mut guard = slot.lock().expect("doc lock");
+        let mut guard = slot.lock();
         let Some(loaded) = self.ensure_loaded(id, &mut guard)? else {
             return Ok(None);
         };
@@ -172,7 +172,7 @@ impl Repo {
             }
             batch.sort_by_key(|d| d.id);
             let slots: Vec<_> = batch.iter().map(|d| self.slot(d.id)).collect();
-            let mut guards: Vec<_> = slots.iter().map(|s| s.lock().expect("doc lock")).collect();
+            let mut guards: Vec<_> = slots.iter().map(|s| s.lock()).collect();
             let mut writes = Vec::new();
             let mut written = Vec::new();
             let mut trackers = Vec::new();

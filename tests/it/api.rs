@@ -550,6 +550,38 @@ async fn metrics_are_prometheus_text() {
     assert!(text.contains("# TYPE trackersync_api_requests counter"));
 }
 
+/// `--cache-mb` bounds the decoded documents a node keeps (half of it); evicted items read back
+/// whole from the store.
+#[tokio::test]
+async fn the_document_cache_stays_within_its_configured_memory() {
+    let n = TestNode::start_args(&["--cache-mb", "8"]).await;
+    n.cases_tracker().await;
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let (s, item) = n
+            .post(
+                "/api/v1/trackers/cases/items",
+                json!({"fields": {"name": format!("n{i}"), "age": i}}),
+            )
+            .await;
+        assert_eq!(s, 201, "{item}");
+        ids.push(item["id"].as_str().expect("id").to_string());
+    }
+    let (bytes, entries) = (
+        n.metric("trackersync_doc_cache_bytes").await,
+        n.metric("trackersync_doc_cache_entries").await,
+    );
+    // Half of 8 MiB for documents; the entry used last is counted when it is let go, after
+    // the eviction that made room for it.
+    assert!(bytes > 0.0 && bytes <= (4 << 20) as f64 + 65536.0, "{bytes} B cached");
+    assert!(entries < 400.0, "{entries} documents cached");
+    for (i, id) in ids.iter().enumerate() {
+        let (s, item) = n.get(&format!("/api/v1/items/{id}")).await;
+        assert_eq!(s, 200, "{item}");
+        assert_eq!(item["fields"]["age"], json!(i), "{item}");
+    }
+}
+
 /// The clock never goes backwards across a restart, even when the wall clock does.
 #[tokio::test]
 async fn stamps_stay_monotonic_across_restart_with_clock_set_back() {
