@@ -573,7 +573,10 @@ async fn the_document_cache_stays_within_its_configured_memory() {
     );
     // Half of 8 MiB for documents; the entry used last is counted when it is let go, after
     // the eviction that made room for it.
-    assert!(bytes > 0.0 && bytes <= (4 << 20) as f64 + 65536.0, "{bytes} B cached");
+    assert!(
+        bytes > 0.0 && bytes <= (4 << 20) as f64 + 65536.0,
+        "{bytes} B cached"
+    );
     assert!(entries < 400.0, "{entries} documents cached");
     for (i, id) in ids.iter().enumerate() {
         let (s, item) = n.get(&format!("/api/v1/items/{id}")).await;
