@@ -11,7 +11,8 @@
 //! printed; `TRACKERSYNC_SEED` replays a run. Short tier: 3 nodes, 2,000 operations; the
 //! long tier is `TRACKERSYNC_PARTITION_NODES=5 TRACKERSYNC_PARTITION_OPS=100000`, and the
 //! soak `TRACKERSYNC_SOAK_SECS=1800` (steady load and partitions, no kills; each node's RSS,
-//! descriptors and disk sampled every 10 s; descriptors and memory must stay flat).
+//! descriptors and disk sampled every 10 s; descriptors and memory must stay flat; nodes run
+//! with `--cache-mb 32`, or `TRACKERSYNC_SOAK_CACHE_MB`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -261,6 +262,15 @@ async fn start(lab: &Lab, i: usize, dir: &std::path::Path) -> TestNode {
         "TRACKERSYNC_NO_FAKETIME=1".into()
     };
     let faketime = format!("FAKETIME={}", lab.skew[i]);
+    // The soak gives its nodes a memory budget its warm-up reaches (500 items edited for 30
+    // minutes grow past the default's 64 MiB of documents only near the end), so what it
+    // samples afterwards is the steady state, not a cache still filling up.
+    let cache = (env("TRACKERSYNC_SOAK_SECS", 0) > 0)
+        .then(|| env("TRACKERSYNC_SOAK_CACHE_MB", 32).to_string());
+    let extra: Vec<&str> = cache
+        .as_deref()
+        .map(|mb| vec!["--cache-mb", mb])
+        .unwrap_or_default();
     TestNode::start_wrapped(
         &[
             "ip",
@@ -276,7 +286,7 @@ async fn start(lab: &Lab, i: usize, dir: &std::path::Path) -> TestNode {
         dir,
         &format!("{}:0", lab.api_ip(i)),
         &format!("/ip4/{}/tcp/{PORT}", lab.ip(i)),
-        &[],
+        &extra,
     )
     .await
 }
