@@ -649,6 +649,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
 
     // 1. Initial sync: B (empty) gets all N once the pair is authorized.
     let bytes0 = a.metric("trackersync_sync_bytes_sent").await;
+    let (cpu_a0, cpu_b0) = (a.cpu_s(), b.cpu_s());
     let t0 = Instant::now();
     a.post("/peers", &json!({"addr": b_addr})).await?;
     b.post("/peers", &json!({"addr": a_addr})).await?;
@@ -661,7 +662,8 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     let bytes = a.metric("trackersync_sync_bytes_sent").await - bytes0;
     emit(
         json!({"bench": "sync", "scenario": "initial_sync", "n": n, "seconds": secs, "items_per_s": n as f64 / secs,
-        "bytes_a_to_b": bytes, "peak_rss_mb_a": a.rss_mb().1, "peak_rss_mb_b": b.rss_mb().1}),
+        "bytes_a_to_b": bytes, "peak_rss_mb_a": a.rss_mb().1, "peak_rss_mb_b": b.rss_mb().1,
+        "cpu_s_a": a.cpu_s() - cpu_a0, "cpu_s_b": b.cpu_s() - cpu_b0}),
     );
 
     // 2. Catch-up online: the link drops (A revokes B, which closes the connection at once),
