@@ -671,6 +671,22 @@ fn sample(n: &TestNode, dir: &std::path::Path, started: Instant) -> (f64, u64, u
     (started.elapsed().as_secs_f64() / 60.0, rss, fds, size(dir))
 }
 
+/// Least-squares slope of RSS (MiB) over time (minutes) of `(minutes, RSS KiB, ..)` samples.
+fn slope_of(samples: &[&(f64, u64, usize, u64)]) -> f64 {
+    let n = samples.len() as f64;
+    let mx = samples.iter().map(|x| x.0).sum::<f64>() / n;
+    let my = samples.iter().map(|x| x.1 as f64 / 1024.0).sum::<f64>() / n;
+    samples
+        .iter()
+        .map(|x| (x.0 - mx) * (x.1 as f64 / 1024.0 - my))
+        .sum::<f64>()
+        / samples
+            .iter()
+            .map(|x| (x.0 - mx).powi(2))
+            .sum::<f64>()
+            .max(1e-9)
+}
+
 /// Print each node's samples after warm-up (the first fifth) with the RSS slope, and check
 /// that descriptors stay flat and memory does not keep growing.
 fn soak_report(samples: &[Vec<(f64, u64, usize, u64)>]) {
@@ -679,20 +695,7 @@ fn soak_report(samples: &[Vec<(f64, u64, usize, u64)>]) {
         if warm.len() < 3 {
             continue;
         }
-        let n = warm.len() as f64;
-        let (mx, my) = (
-            warm.iter().map(|x| x.0).sum::<f64>() / n,
-            warm.iter().map(|x| x.1 as f64 / 1024.0).sum::<f64>() / n,
-        );
-        let slope = warm
-            .iter()
-            .map(|x| (x.0 - mx) * (x.1 as f64 / 1024.0 - my))
-            .sum::<f64>()
-            / warm
-                .iter()
-                .map(|x| (x.0 - mx).powi(2))
-                .sum::<f64>()
-                .max(1e-9);
+        let slope = slope_of(&warm);
         let fds: Vec<usize> = warm.iter().map(|x| x.2).collect();
         let (lo, hi) = (
             *fds.iter().min().expect("samples"),
@@ -700,6 +703,19 @@ fn soak_report(samples: &[Vec<(f64, u64, usize, u64)>]) {
         );
         let first = warm.first().expect("samples");
         let last = warm.last().expect("samples");
+        // The shape, not only the ends: RSS at each tenth of the run after warm-up, and the
+        // slope over its second half (a cache still filling up shows there as a bend).
+        let path: Vec<String> = (0..=10)
+            .map(|k| {
+                let x = warm[(k * (warm.len() - 1)) / 10];
+                format!("{:.0}min {}", x.0, x.1 / 1024)
+            })
+            .collect();
+        println!("soak node {k}: RSS MiB over time: {}", path.join(", "));
+        println!(
+            "soak node {k}: slope over the second half {:.2} MiB/min",
+            slope_of(&warm[warm.len() / 2..])
+        );
         println!(
             "soak node {k}: RSS {} -> {} MiB (slope {slope:.2} MiB/min), fds {lo}..{hi}, disk {} -> {} MB",
             first.1 / 1024,
