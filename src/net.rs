@@ -2340,6 +2340,11 @@ impl EventLoop {
     }
 
     fn apply(&mut self, peer: PeerId, page: PullPage, docs: Vec<RemoteDoc>, after_fetch: bool) {
+        if docs.is_empty() {
+            // An empty page (a push of nothing but our own changes, an already-synced pull)
+            // only moves the checkpoint: no thread hand-off.
+            return self.on_work(Work::Applied(peer, page, Ok(Vec::new()), after_fetch));
+        }
         let repo = self.repo.clone();
         let work = self.work_tx.clone();
         let policy = self

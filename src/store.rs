@@ -570,7 +570,7 @@ impl Store {
         *st = next;
         let ticket = Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
         drop(st);
-        self.applied_cv.notify_all();
+        self.wake_flush_leader();
         Ok((ticket, metas))
     }
 
@@ -711,6 +711,14 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Tell a flush leader waiting for writers under way that one applied or gave up. The
+    /// flush lock is taken first so the wake-up cannot fall between the leader's check and
+    /// its wait (it would then sit out [`GROUP_COMMIT_WAIT`] for nothing).
+    fn wake_flush_leader(&self) {
+        drop(self.flush.lock().expect("flush lock"));
+        self.applied_cv.notify_all();
     }
 
     /// Register a write that will commit and wait for durability; the group-commit leader
@@ -1180,6 +1188,9 @@ pub struct WriteGuard<'a>(&'a Store);
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         self.0.writers.fetch_sub(1, Ordering::SeqCst);
+        // A write that ends without committing (nothing changed, refused, failed) must not
+        // keep a flush leader waiting for it.
+        self.0.wake_flush_leader();
     }
 }
 
