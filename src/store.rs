@@ -326,6 +326,8 @@ impl CommitState {
 struct FlushState {
     /// Every ticket up to this one is durable.
     flushed: u64,
+    /// Every change sequence number up to this one is durable.
+    durable_seq: u64,
     in_progress: bool,
     last_error: Option<String>,
 }
@@ -423,6 +425,7 @@ impl Store {
             applied: AtomicU64::new(0),
             flush: Mutex::new(FlushState {
                 flushed: 0,
+                durable_seq: next_seq - 1,
                 in_progress: false,
                 last_error: None,
             }),
@@ -655,6 +658,11 @@ impl Store {
         meta
     }
 
+    /// Block until every batch applied so far is durable.
+    pub fn wait_all_durable(&self) -> Result<()> {
+        self.wait_durable(Ticket(self.applied.load(Ordering::SeqCst)))
+    }
+
     /// Block until the batch behind `ticket` is durable (group commit: concurrent waiters share
     /// one flush).
     pub fn wait_durable(&self, ticket: Ticket) -> Result<()> {
@@ -682,9 +690,13 @@ impl Store {
                         .expect("flush lock")
                         .0;
                 }
-                // Every ticket handed out so far belongs to a batch already applied.
-                let target = self.applied.load(Ordering::SeqCst);
                 drop(st);
+                // Every ticket handed out so far belongs to a batch already applied; tickets
+                // and sequence numbers move together under the commit lock.
+                let (target, seq) = {
+                    let c = self.commit.lock().expect("commit lock");
+                    (self.applied.load(Ordering::SeqCst), c.next_seq - 1)
+                };
                 let result = self.sync();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
                 st = self.flush.lock().expect("flush lock");
@@ -693,6 +705,7 @@ impl Store {
                 match result {
                     Ok(_) => {
                         st.flushed = st.flushed.max(target);
+                        st.durable_seq = st.durable_seq.max(seq);
                         st.last_error = None;
                     }
                     Err(e) => {
@@ -828,14 +841,27 @@ impl Store {
         shared: Option<&std::collections::HashSet<Uuid>>,
         whole: bool,
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
+        // A store whose flush failed cannot make anything durable: it serves what already is.
+        let failed = self.failed();
+        let until = if failed {
+            self.flush.lock().expect("flush lock").durable_seq
+        } else {
+            u64::MAX
+        };
+        if until <= since {
+            return Ok((Vec::new(), since, false));
+        }
         let start = key(P_SEQ, &[&since.saturating_add(1).to_be_bytes()]);
-        let end = key(P_SEQ, &[&u64::MAX.to_be_bytes()]);
+        let end = key(P_SEQ, &[&until.to_be_bytes()]);
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut last = since;
         for kv in self.db.range(start..=end) {
             let (k, v) = kv?;
             if out.len() >= max_entries || (bytes >= max_bytes && !out.is_empty()) {
+                if !failed {
+                    self.feed_durable()?;
+                }
                 return Ok((out, last, true));
             }
             let seq = u64::from_be_bytes(k[1..9].try_into().map_err(|_| StoreError::Corrupt {
@@ -891,7 +917,20 @@ impl Store {
                 data,
             });
         }
+        if !failed {
+            self.feed_durable()?;
+        }
         Ok((out, last, false))
+    }
+
+    /// A page of the feed goes out only once everything applied before it was read is
+    /// durable. Otherwise a crash could take back what the reader was given, and its
+    /// checkpoint would then skip whatever reuses those sequence numbers; or it could take
+    /// back a write that moved a document to a new sequence number (removing its old feed
+    /// entry) while the page was read, and the document's older, durable state would lie
+    /// behind the reader's checkpoint unseen.
+    fn feed_durable(&self) -> Result<()> {
+        self.wait_all_durable()
     }
 
     /// How many documents changed after `since` that a pull by the peer tagged `skip_source`
@@ -1346,5 +1385,40 @@ mod tests {
             .items_of_tracker(t, Some(page[1]), 2, None)
             .expect("list");
         assert_eq!((rest.len(), more), (1, false));
+    }
+
+    #[test]
+    fn the_feed_hands_out_only_durable_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let t = Uuid::now_v7();
+        let (first, _) = store
+            .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false))
+            .expect("commit");
+        store.wait_durable(first).expect("durable");
+        let flushes = store.flush_count();
+        // Applied, not yet durable: a page that includes it makes it durable first.
+        store
+            .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![2]), false))
+            .expect("commit");
+        let (page, last, _) = store.feed_since(0, 10, 1 << 20, 0).expect("feed");
+        assert_eq!((page.len(), last), (2, 2));
+        assert_eq!(
+            store.flush_count(),
+            flushes + 1,
+            "the page waited for a flush"
+        );
+        // Nothing pending: no flush.
+        store.feed_since(0, 10, 1 << 20, 0).expect("feed");
+        assert_eq!(store.flush_count(), flushes + 1);
+        // A store that cannot flush any more serves only what was durable.
+        store
+            .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![3]), false))
+            .expect("commit");
+        store.io_failed.store(true, Ordering::SeqCst);
+        let (page, last, more) = store.feed_since(0, 10, 1 << 20, 0).expect("feed");
+        assert_eq!((page.len(), last, more), (2, 2, false));
+        let (page, last, _) = store.feed_since(2, 10, 1 << 20, 0).expect("feed");
+        assert_eq!((page.len(), last), (0, 2));
     }
 }
