@@ -161,8 +161,7 @@ impl Repo {
         }
         let _writing = self.store.begin_write();
         let mut out = Vec::with_capacity(docs.len());
-        let mut committed = false;
-        let mut events = Vec::new();
+        let mut last_ticket = None;
         let mut docs = docs.into_iter().peekable();
         while docs.peek().is_some() {
             // A batch holds each document once; its slots are locked in id order, so batches
@@ -180,6 +179,7 @@ impl Repo {
             let mut writes = Vec::new();
             let mut written = Vec::new();
             let mut trackers = Vec::new();
+            let mut events = Vec::new();
             // Documents new to this store are not kept decoded afterwards: an initial sync
             // would otherwise fill the cache (and memory) with documents nobody is reading.
             let mut uncache = Vec::new();
@@ -207,20 +207,12 @@ impl Repo {
             if !writes.is_empty() {
                 match self.store.commit_batch(writes) {
                     Ok((ticket, metas)) => {
-                        // Durable before the slots are released: a reader never sees a
-                        // received document a crash could still take away.
-                        if let Err(e) = self.store.wait_durable(ticket) {
-                            for n in written {
-                                *guards[n] = None;
-                            }
-                            return Err(e.into());
-                        }
                         for (n, meta) in written.into_iter().zip(metas) {
                             if let Some(loaded) = guards[n].as_mut() {
                                 loaded.meta = Some(meta);
                             }
                         }
-                        committed = true;
+                        last_ticket = Some(ticket);
                         for n in uncache {
                             *guards[n] = None;
                         }
@@ -239,12 +231,19 @@ impl Repo {
             for id in trackers {
                 self.refresh_tracker(id)?;
             }
+            // Visible before it is durable: received documents are durable at their source,
+            // and nothing built on them can outlive them (sled's log is one sequence, so our
+            // next durable write covers them too). What must wait is what a crash would make
+            // false: our feed offers them to peers only once durable (`Store::feed_page`),
+            // and the caller moves its checkpoint on the sender only after this returns.
+            for ev in events {
+                let _ = self.events.send(ev);
+            }
         }
-        if committed {
+        if let Some(ticket) = last_ticket {
+            // One flush for the whole page, shared with concurrent writers.
+            self.store.wait_durable(ticket)?;
             self.signal_change();
-        }
-        for ev in events {
-            let _ = self.events.send(ev);
         }
         Ok(out)
     }
