@@ -445,6 +445,10 @@ struct PeerState {
     last_sync: Option<chrono::DateTime<chrono::Utc>>,
     /// Our feed as far as we served it to the peer, and when it last reached the end.
     served_seq: u64,
+    /// Where the peer's cursor on our feed stands as far as we know: the end of the last page
+    /// or push we sent it. Behind `served_seq` only by pushes left unsent because they
+    /// carried nothing the peer lacks (its own changes coming back).
+    told_seq: u64,
     /// The peer's own share policy, from its last pull (what our pushes to it carry).
     wanted: Option<Vec<String>>,
     last_sent: Option<chrono::DateTime<chrono::Utc>>,
@@ -479,6 +483,7 @@ impl PeerState {
             checkpoint: None,
             last_sync: None,
             served_seq: 0,
+            told_seq: 0,
             wanted: None,
             last_sent: None,
             last_error: None,
@@ -2420,18 +2425,38 @@ impl EventLoop {
                 if more {
                     return self.send_notify(peer, seq, false);
                 }
-                if let Some(s) = self.peers.get_mut(&peer) {
-                    // It has all of this once it takes the push; if it does not, it pulls from
-                    // where it is, and its pull tells us.
+                let Some(s) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                if docs.is_empty() {
+                    // Nothing it lacks (typically its own change, just applied here): no
+                    // echo. The next push starts where it last heard from us.
                     s.served_seq = s.served_seq.max(last);
+                    s.notify_in_flight = false;
+                    if std::mem::take(&mut s.notify_again) {
+                        self.notify_all();
+                    }
+                    return;
                 }
+                // Between where the peer last heard from us and `since` lie only pushes left
+                // unsent; if a page served meanwhile moved it past `since`, the push does not
+                // start at its cursor and it pulls instead.
+                let from = if s.told_seq <= since {
+                    s.told_seq
+                } else {
+                    since
+                };
+                // It has all of this once it takes the push; if it does not, it pulls from
+                // where it is, and its pull tells us.
+                s.served_seq = s.served_seq.max(last);
+                s.told_seq = s.told_seq.max(last);
                 let req = pb::Request {
                     version: wire::VERSION,
                     body: Some(pb::request::Body::Notify(pb::Notify {
                         seq: last,
                         run: false,
                         push: true,
-                        since,
+                        since: from,
                         incarnation: incarnation.as_bytes().to_vec(),
                         entries: docs.into_iter().map(wire::doc_to_wire).collect(),
                     })),
@@ -2446,6 +2471,7 @@ impl EventLoop {
             Work::Served(peer, items, more, last_seq) => {
                 if let Some(s) = self.peers.get_mut(&peer) {
                     s.served_seq = s.served_seq.max(last_seq);
+                    s.told_seq = s.told_seq.max(last_seq);
                     if !more {
                         s.last_sent = Some(chrono::Utc::now());
                     }
