@@ -2346,9 +2346,16 @@ impl EventLoop {
 
     fn apply(&mut self, peer: PeerId, page: PullPage, docs: Vec<RemoteDoc>, after_fetch: bool) {
         if docs.is_empty() {
-            // An empty page (a push of nothing but our own changes, an already-synced pull)
-            // only moves the checkpoint: no thread hand-off.
-            return self.on_work(Work::Applied(peer, page, Ok(Vec::new()), after_fetch));
+            // An empty page (an already-synced pull) only moves the checkpoint: no blocking
+            // thread. Still reported through the work queue, after the caller has updated the
+            // peer's state, as every page is.
+            let work = self.work_tx.clone();
+            tokio::spawn(async move {
+                let _ = work
+                    .send(Work::Applied(peer, page, Ok(Vec::new()), after_fetch))
+                    .await;
+            });
+            return;
         }
         let repo = self.repo.clone();
         let work = self.work_tx.clone();
