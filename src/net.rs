@@ -104,6 +104,10 @@ const DEFERRED_RETRY: Duration = Duration::from_secs(5);
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     rr: request_response::Behaviour<wire::Codec>,
+    /// Outbound only, on the deflate protocol alone, for peers that announced it (identify):
+    /// with a single protocol to offer, the stream's negotiation is optimistic (`V1Lazy`) and
+    /// the request goes out with it instead of a round trip later.
+    rr_fast: request_response::Behaviour<wire::Codec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -297,15 +301,23 @@ impl Net {
             )
             .context("cannot set up TCP transport")?
             .with_behaviour(|key| {
+                let rr_config = || {
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(64)
+                };
                 let rr = request_response::Behaviour::with_codec(
                     wire::Codec,
                     [
                         (wire::PROTOCOL_DEFLATE, ProtocolSupport::Full),
                         (wire::PROTOCOL, ProtocolSupport::Full),
                     ],
-                    request_response::Config::default()
-                        .with_request_timeout(REQUEST_TIMEOUT)
-                        .with_max_concurrent_streams(64),
+                    rr_config(),
+                );
+                let rr_fast = request_response::Behaviour::with_codec(
+                    wire::Codec,
+                    [(wire::PROTOCOL_DEFLATE, ProtocolSupport::Outbound)],
+                    rr_config(),
                 );
                 let mdns = if mdns_on {
                     // Ask again every few seconds (libp2p's default is 5 minutes): a node
@@ -323,6 +335,7 @@ impl Net {
                 };
                 Ok(Behaviour {
                     rr,
+                    rr_fast,
                     identify: identify::Behaviour::new(identify::Config::new(
                         "/trackersync/1".into(),
                         key.public(),
@@ -332,7 +345,15 @@ impl Net {
                 })
             })
             .map_err(|e| anyhow::anyhow!("cannot set up the network behaviour: {e}"))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+            .with_swarm_config(|c| {
+                c.with_idle_connection_timeout(IDLE_TIMEOUT)
+                    // The dialer of a stream sends its data right after the protocol it
+                    // proposes when it offers only one (`rr_fast`, identify, ping). With
+                    // several (`rr`) it still waits for the answer to each but the last.
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
+            })
             .build();
         for addr in listen {
             swarm
@@ -370,6 +391,7 @@ impl Net {
             peers,
             connected: HashSet::new(),
             outbound: HashMap::new(),
+            deflate_peers: HashSet::new(),
             commands,
             work_tx,
             work_rx,
@@ -597,7 +619,10 @@ struct EventLoop {
     repo: Arc<Repo>,
     peers: HashMap<PeerId, PeerState>,
     connected: HashSet<PeerId>,
-    outbound: HashMap<OutboundRequestId, Outbound>,
+    /// Requests in flight, by the behaviour that sent them (`true`: `rr_fast`) and its id.
+    outbound: HashMap<(bool, OutboundRequestId), Outbound>,
+    /// Connected peers that announced the deflate protocol (identify).
+    deflate_peers: HashSet<PeerId>,
     commands: mpsc::Receiver<Command>,
     work_tx: mpsc::Sender<Work>,
     work_rx: mpsc::Receiver<Work>,
@@ -671,11 +696,7 @@ impl EventLoop {
                 proof: proof.as_bytes().to_vec(),
             })),
         };
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rr
-            .send_request(&peer, req.into());
+        let id = self.request(peer, req);
         self.outbound.insert(id, Outbound::Join);
     }
 
@@ -722,6 +743,7 @@ impl EventLoop {
                 let removed = match id.parse::<PeerId>() {
                     Ok(peer) => {
                         let existed = self.peers.remove(&peer).is_some();
+                        self.deflate_peers.remove(&peer);
                         if let Err(e) = self.repo.store().remove_peer(&id) {
                             tracing::error!(error = %e, "cannot remove peer from the store");
                         }
@@ -1213,11 +1235,7 @@ impl EventLoop {
                 ..Default::default()
             })),
         };
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rr
-            .send_request(&peer, req.into());
+        let id = self.request(peer, req);
         self.outbound.insert(id, Outbound::Notify);
     }
 
@@ -1287,11 +1305,7 @@ impl EventLoop {
                 trackers: s.config.trackers.clone().unwrap_or_default(),
             })),
         };
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rr
-            .send_request(&peer, req.into());
+        let id = self.request(peer, req);
         PULLS_SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.outbound
             .insert(id, Outbound::Pull(Instant::now(), epoch));
@@ -1560,11 +1574,7 @@ impl EventLoop {
             version: wire::VERSION,
             body: Some(pb::request::Body::Reconcile(pb::Reconcile { ranges })),
         };
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rr
-            .send_request(&peer, req.into());
+        let id = self.request(peer, req);
         self.outbound.insert(id, Outbound::Reconcile(epoch));
     }
 
@@ -1629,11 +1639,7 @@ impl EventLoop {
             version: wire::VERSION,
             body: Some(pb::request::Body::Fetch(pb::Fetch { docs })),
         };
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .rr
-            .send_request(&peer, req.into());
+        let id = self.request(peer, req);
         self.outbound.insert(id, Outbound::Fetch(page));
     }
 
@@ -1697,6 +1703,8 @@ impl EventLoop {
                 ..
             } if num_established == 0 && self.connected.remove(&peer_id) => {
                 tracing::info!(peer = %peer_id, cause = ?cause, "peer disconnected");
+                // It may come back as another version; identify tells us again.
+                self.deflate_peers.remove(&peer_id);
                 if let Some(s) = self.peers.get_mut(&peer_id) {
                     s.reset_pull();
                     s.notify_in_flight = false;
@@ -1759,11 +1767,18 @@ impl EventLoop {
                 info,
                 ..
             })) if self.authorized(&peer_id) => {
+                // Only authorized peers are kept track of: anyone can connect.
+                if info.protocols.contains(&wire::PROTOCOL_DEFLATE) {
+                    self.deflate_peers.insert(peer_id);
+                } else {
+                    self.deflate_peers.remove(&peer_id);
+                }
                 for addr in info.listen_addrs {
                     self.swarm.add_peer_address(peer_id, addr);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(ev)) => self.on_rr(ev, false),
+            SwarmEvent::Behaviour(BehaviourEvent::RrFast(ev)) => self.on_rr(ev, true),
             // Two pings in a row unanswered (libp2p reports no single failure): the link went
             // silent, as across a partition that drops packets. The connection would hang
             // on TCP retransmissions long after the network heals; close it, and the backoff
@@ -1791,7 +1806,19 @@ impl EventLoop {
         }
     }
 
-    fn on_rr(&mut self, ev: request_response::Event<wire::Req, pb::Response>) {
+    /// Send a request on the deflate-only behaviour when the peer announced the protocol.
+    fn request(&mut self, peer: PeerId, req: pb::Request) -> (bool, OutboundRequestId) {
+        let fast = self.deflate_peers.contains(&peer);
+        let b = self.swarm.behaviour_mut();
+        let id = if fast {
+            b.rr_fast.send_request(&peer, req.into())
+        } else {
+            b.rr.send_request(&peer, req.into())
+        };
+        (fast, id)
+    }
+
+    fn on_rr(&mut self, ev: request_response::Event<wire::Req, pb::Response>, fast: bool) {
         use request_response::{Event, Message};
         match ev {
             Event::Message {
@@ -1827,7 +1854,7 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some(out) = self.outbound.remove(&request_id) {
+                if let Some(out) = self.outbound.remove(&(fast, request_id)) {
                     self.on_response(peer, out, response);
                 }
             }
@@ -1840,7 +1867,7 @@ impl EventLoop {
                 tracing::debug!(%peer, error = %error, "request failed");
                 let garbled =
                     matches!(&error, request_response::OutboundFailure::Io(e) if garbled_io(e));
-                if let Some(out) = self.outbound.remove(&request_id) {
+                if let Some(out) = self.outbound.remove(&(fast, request_id)) {
                     match out {
                         Outbound::Pull(_, epoch) => {
                             let current = self.peers.get_mut(&peer).is_some_and(|s| {
@@ -2468,11 +2495,7 @@ impl EventLoop {
                         entries: docs.into_iter().map(wire::doc_to_wire).collect(),
                     })),
                 };
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .rr
-                    .send_request(&peer, req.into());
+                let id = self.request(peer, req);
                 self.outbound.insert(id, Outbound::Notify);
             }
             Work::Served(peer, items, more, last_seq) => {
@@ -2619,11 +2642,7 @@ impl EventLoop {
                         version: wire::VERSION,
                         body: Some(pb::request::Body::Fetch(pb::Fetch { docs: fetch })),
                     };
-                    let id = self
-                        .swarm
-                        .behaviour_mut()
-                        .rr
-                        .send_request(&peer, req.into());
+                    let id = self.request(peer, req);
                     self.outbound.insert(id, Outbound::Fetch(page));
                     return;
                 }
