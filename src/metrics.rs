@@ -28,6 +28,7 @@ pub struct Metrics {
     sync_out: Gauge,
     pulls: Gauge,
     pushes: Gauge,
+    pushes_from_memory: Gauge,
     messages_out: Gauge,
     plain_out: Gauge,
     payload_out: Gauge,
@@ -96,6 +97,12 @@ impl Metrics {
             "Live pushes from peers taken in place of a pull",
             pushes.clone(),
         );
+        let pushes_from_memory = Gauge::default();
+        registry.register(
+            "sync_pushes_from_memory",
+            "Live pushes to peers built from the last changes in memory, without a feed read",
+            pushes_from_memory.clone(),
+        );
         let messages_out = Gauge::default();
         registry.register(
             "sync_messages_sent",
@@ -134,6 +141,7 @@ impl Metrics {
             payload_out,
             pulls,
             pushes,
+            pushes_from_memory,
             sync_in,
             sync_out,
             registry,
@@ -171,9 +179,10 @@ impl Metrics {
         self.messages_out.set(messages as i64);
         self.plain_out.set(plain as i64);
         self.payload_out.set(payload as i64);
-        let (pulls, pushes) = crate::net::pull_counts();
+        let (pulls, pushes, from_memory) = crate::net::pull_counts();
         self.pulls.set(pulls as i64);
         self.pushes.set(pushes as i64);
+        self.pushes_from_memory.set(from_memory as i64);
         let (cache_bytes, cache_entries) = repo.doc_cache_usage();
         self.cache_bytes.set(cache_bytes as i64);
         self.cache_entries.set(cache_entries as i64);

@@ -50,14 +50,20 @@ pub fn wire_bytes() -> (u64, u64) {
     (wire::BYTES_IN.load(Relaxed), wire::BYTES_OUT.load(Relaxed))
 }
 
-/// Pull requests this process sent, and live pushes it took in place of a pull.
+/// Pull requests this process sent, live pushes it took in place of a pull, and live pushes
+/// it built from the changes in memory (no feed read).
 static PULLS_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static PUSHES_TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static PUSHES_FROM_MEMORY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// (pulls sent, pushes taken) since the process started.
-pub fn pull_counts() -> (u64, u64) {
+/// (pulls sent, pushes taken, pushes built from memory) since the process started.
+pub fn pull_counts() -> (u64, u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
-    (PULLS_SENT.load(Relaxed), PUSHES_TAKEN.load(Relaxed))
+    (
+        PULLS_SENT.load(Relaxed),
+        PUSHES_TAKEN.load(Relaxed),
+        PUSHES_FROM_MEMORY.load(Relaxed),
+    )
 }
 
 use std::collections::{HashMap, HashSet};
@@ -1139,8 +1145,19 @@ impl EventLoop {
                 Some(s) => s.intersection(&wanted).copied().collect(),
             });
         }
-        let (repo, work) = (self.repo.clone(), self.work_tx.clone());
         let tag = crate::store::peer_tag(&peer.to_bytes());
+        // The usual live case: the changes since are still in memory.
+        if let Some((docs, last, more)) = self.repo.feed_recent(
+            since,
+            PUSH_MAX_ENTRIES,
+            PUSH_MAX_BYTES,
+            tag,
+            shared.as_ref(),
+        ) {
+            PUSHES_FROM_MEMORY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.on_work(Work::Push(peer, since, incarnation, docs, last, more));
+        }
+        let (repo, work) = (self.repo.clone(), self.work_tx.clone());
         tokio::task::spawn_blocking(move || {
             let push = match repo.feed_shared(
                 since,

@@ -292,6 +292,42 @@ fn decode_position(v: &[u8]) -> Option<(Uuid, u64)> {
 #[derive(Clone, Copy, Debug)]
 pub struct Ticket(u64);
 
+/// The changes written last, as the feed would offer them, so a live push reads them from
+/// memory instead of sled. Holds every sequence number in (`floor`, last assigned].
+struct Recent {
+    entries: std::collections::VecDeque<FeedEntry>,
+    bytes: usize,
+    floor: u64,
+}
+
+/// What [`Recent`] keeps, at most.
+const RECENT_ENTRIES: usize = 512;
+const RECENT_BYTES: usize = 1 << 20;
+/// A batch larger than this (an initial sync's page) is not copied into [`Recent`]: live
+/// pushes are one or a few changes.
+const RECENT_BATCH: usize = 64;
+
+impl Recent {
+    fn add(&mut self, entry: FeedEntry) {
+        self.bytes += entry.data.len();
+        self.entries.push_back(entry);
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            let Some(old) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= old.data.len();
+            self.floor = old.seq;
+        }
+    }
+
+    /// Forget everything up to `seq` (a batch too large to keep).
+    fn skip_to(&mut self, seq: u64) {
+        self.entries.clear();
+        self.bytes = 0;
+        self.floor = seq;
+    }
+}
+
 /// Counters kept under the commit lock.
 struct CommitState {
     next_seq: u64,
@@ -333,6 +369,7 @@ struct FlushState {
 }
 
 /// One document as the change feed offers it to a peer.
+#[derive(Clone)]
 pub struct FeedEntry {
     pub seq: u64,
     pub id: Uuid,
@@ -368,6 +405,8 @@ pub struct Store {
     /// Document digests by id, for set reconciliation; built on first use, then kept current
     /// by every commit.
     digests: Mutex<Option<BTreeMap<Uuid, u128>>>,
+    /// The last changes written (see [`Store::feed_recent`]); appended under the commit lock.
+    recent: Mutex<Recent>,
 }
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -438,6 +477,11 @@ impl Store {
             io_failed: std::sync::atomic::AtomicBool::new(false),
             log_file,
             digests: Mutex::new(None),
+            recent: Mutex::new(Recent {
+                entries: Default::default(),
+                bytes: 0,
+                floor: next_seq - 1,
+            }),
         })
     }
 
@@ -541,14 +585,28 @@ impl Store {
         // Metadata written earlier in this batch (a document may appear twice).
         let mut staged: HashMap<Uuid, DocMeta> = HashMap::new();
         let mut metas = Vec::with_capacity(writes.len());
+        let keep = writes.len() <= RECENT_BATCH;
+        let mut recent = Vec::with_capacity(if keep { writes.len() } else { 0 });
         for w in writes {
             let old = match staged.get(&w.id) {
                 Some(m) => Some(m.clone()),
                 None => self.doc_meta(w.id)?,
             };
             let id = w.id;
+            let data = match &w.data {
+                DocData::Snapshot(b) | DocData::Chunk(b) if keep => b.clone(),
+                _ => Vec::new(),
+            };
             let meta = self.stage(&mut batch, &mut next, w, old);
             staged.insert(id, meta.clone());
+            if keep {
+                recent.push(FeedEntry {
+                    seq: meta.seq,
+                    id,
+                    meta: meta.clone(),
+                    data,
+                });
+            }
             metas.push(meta);
         }
         // The state record is a hot key; rewrite it only when a counter moves. The clock
@@ -568,6 +626,16 @@ impl Store {
         if let Some(index) = self.digests.lock().expect("digests lock").as_mut() {
             for (id, meta) in &staged {
                 index.insert(*id, doc_digest(*id, &meta.heads));
+            }
+        }
+        {
+            let mut r = self.recent.lock().expect("recent lock");
+            if keep {
+                for e in recent {
+                    r.add(e);
+                }
+            } else {
+                r.skip_to(next.next_seq - 1);
             }
         }
         *st = next;
@@ -921,6 +989,48 @@ impl Store {
             self.feed_durable()?;
         }
         Ok((out, last, false))
+    }
+
+    /// [`Store::feed_since_shared`] answered from memory when the last changes cover
+    /// everything after `since`: what a live push needs, without a thread hand-off or a read
+    /// of sled. `None` when they do not (the caller reads the feed). Up to the last durable
+    /// change only, for the same reason as [`Store::feed_page`]. A document changed more than
+    /// once in the range comes once per change (each with its own bytes), where the feed
+    /// would offer it once.
+    pub fn feed_recent(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        skip_source: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+    ) -> Option<(Vec<FeedEntry>, u64, bool)> {
+        let durable = self.flush.lock().expect("flush lock").durable_seq;
+        let r = self.recent.lock().expect("recent lock");
+        if since < r.floor {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut last = since;
+        for e in r
+            .entries
+            .iter()
+            .filter(|e| e.seq > since && e.seq <= durable)
+        {
+            if out.len() >= max_entries || (bytes >= max_bytes && !out.is_empty()) {
+                return Some((out, last, true));
+            }
+            last = e.seq;
+            if (skip_source != 0 && e.meta.source == skip_source)
+                || shared.is_some_and(|t| !t.contains(&e.meta.tracker))
+            {
+                continue;
+            }
+            bytes += e.data.len();
+            out.push(e.clone());
+        }
+        Some((out, durable.max(since), false))
     }
 
     /// A page of the feed goes out only once everything applied before it was read is
@@ -1420,5 +1530,46 @@ mod tests {
         assert_eq!((page.len(), last, more), (2, 2, false));
         let (page, last, _) = store.feed_since(2, 10, 1 << 20, 0).expect("feed");
         assert_eq!((page.len(), last), (0, 2));
+    }
+
+    #[test]
+    fn recent_changes_answer_a_push_as_the_feed_would() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let t = Uuid::now_v7();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut from_peer = write(b, t, DocData::Chunk(b"theirs".to_vec()), false);
+        from_peer.source = 7;
+        let (ticket, _) = store
+            .commit_batch(vec![
+                write(a, t, DocData::Snapshot(b"s".to_vec()), false),
+                from_peer,
+            ])
+            .expect("commit");
+        // Not durable yet: nothing to offer.
+        let (docs, last, more) = store.feed_recent(0, 10, 1 << 20, 0, None).expect("covered");
+        assert_eq!((docs.len(), last, more), (0, 0, false));
+        store.wait_durable(ticket).expect("durable");
+        let (docs, last, _) = store.feed_recent(0, 10, 1 << 20, 7, None).expect("covered");
+        assert_eq!(
+            (docs.len(), last),
+            (1, 2),
+            "the peer's own change is left out"
+        );
+        assert_eq!((docs[0].id, docs[0].data.as_slice()), (a, b"s".as_slice()));
+        let (docs, _, _) = store.feed_since(0, 10, 1 << 20, 7).expect("feed");
+        assert_eq!(docs.len(), 1, "the feed agrees");
+        // A batch too large to keep: what came before it is no longer covered.
+        let big: Vec<_> = (0..=RECENT_BATCH)
+            .map(|_| write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false))
+            .collect();
+        let (ticket, _) = store.commit_batch(big).expect("commit");
+        store.wait_durable(ticket).expect("durable");
+        assert!(store.feed_recent(2, 10, 1 << 20, 0, None).is_none());
+        let last = store.last_seq();
+        let (docs, l, _) = store
+            .feed_recent(last, 10, 1 << 20, 0, None)
+            .expect("covered");
+        assert_eq!((docs.len(), l), (0, last));
     }
 }

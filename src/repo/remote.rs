@@ -104,6 +104,26 @@ impl Repo {
         ))
     }
 
+    /// [`Repo::feed_shared`] from the changes written last, when they cover everything after
+    /// `since` (see [`crate::store::Store::feed_recent`]).
+    pub fn feed_recent(
+        &self,
+        since: u64,
+        max_entries: usize,
+        max_bytes: usize,
+        requester: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+    ) -> Option<(Vec<RemoteDoc>, u64, bool)> {
+        let (entries, last, more) =
+            self.store
+                .feed_recent(since, max_entries, max_bytes, requester, shared)?;
+        Some((
+            entries.into_iter().map(RemoteDoc::from).collect(),
+            last,
+            more,
+        ))
+    }
+
     /// Everything of `id` a peer with heads `have` lacks.
     pub fn fetch(&self, id: Uuid, have: &[[u8; 32]]) -> Result<Option<RemoteDoc>> {
         let slot = self.slot(id);

@@ -464,16 +464,18 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
 }
 
 /// (pull requests sent, pushes taken) by a node.
-async fn counts(n: &TestNode) -> (f64, f64) {
+async fn counts(n: &TestNode) -> (f64, f64, f64) {
     (
         n.metric("trackersync_sync_pulls_sent").await,
         n.metric("trackersync_sync_pushes_taken").await,
+        n.metric("trackersync_sync_pushes_from_memory").await,
     )
 }
 
 /// Live edits travel as pushes: the receiver takes each change with the notify instead of
-/// pulling it (one round trip saved per change), and the echo of a change back to its
-/// sender is settled the same way, not by a pull.
+/// pulling it (one round trip saved per change), the sender builds them from the changes in
+/// memory (no feed read), and a change is not echoed back to its sender (no push it takes,
+/// no pull).
 #[tokio::test]
 async fn live_changes_are_pushed_not_pulled() {
     let a = TestNode::start().await;
@@ -516,6 +518,12 @@ async fn live_changes_are_pushed_not_pulled() {
         a1.0 - a0.0 < half,
         "a pulled {} times for the echoes of {EDITS} edits",
         a1.0 - a0.0
+    );
+    assert_eq!(a1.1 - a0.1, 0.0, "a took pushes back for its own edits");
+    assert!(
+        a1.2 - a0.2 >= half,
+        "a built {} of {EDITS} pushes from memory",
+        a1.2 - a0.2
     );
 }
 
