@@ -598,6 +598,8 @@ enum Outbound {
     Fetch(PullPage),
     Reconcile(u64),
     Notify,
+    /// A notify carrying a push: the last sequence number and the documents it covers.
+    Push(u64, u64),
     Join,
 }
 
@@ -1129,7 +1131,8 @@ impl EventLoop {
         };
         let since = s.served_seq;
         if since == 0 {
-            return self.send_notify(peer, seq, false);
+            let run = self.run_owed(&peer);
+            return self.send_notify(peer, seq, run);
         }
         let incarnation = self.served_incarnation(&peer);
         let mut shared = self.shared(&peer);
@@ -1835,6 +1838,27 @@ impl EventLoop {
         (fast, id)
     }
 
+    /// Whether a one-shot sync of ours still waits for `peer` to take our changes (it asked
+    /// the peer to pull with `Notify.run`; a page withheld until durable, or a change made
+    /// since, reaches the peer in a later notify, which must ask the same).
+    fn run_owed(&self, peer: &PeerId) -> bool {
+        self.manual
+            .iter()
+            .any(|m| m.targets.get(peer).is_some_and(|t| !t.push_done))
+    }
+
+    /// Our notify to `peer` was answered (or failed): the next may go, and one that waited
+    /// behind it goes now.
+    fn notify_answered(&mut self, peer: PeerId) {
+        let again = self.peers.get_mut(&peer).is_some_and(|s| {
+            s.notify_in_flight = false;
+            std::mem::take(&mut s.notify_again)
+        });
+        if again {
+            self.notify_all();
+        }
+    }
+
     fn on_rr(&mut self, ev: request_response::Event<wire::Req, pb::Response>, fast: bool) {
         use request_response::{Event, Message};
         match ev {
@@ -1920,18 +1944,10 @@ impl EventLoop {
                                 }
                             }
                         }
-                        Outbound::Notify => {
-                            // A change queued behind the failed notify must not be lost: notify
-                            // again (only connected peers are notified; a peer that reconnects
-                            // pulls on its own).
-                            let again = self.peers.get_mut(&peer).is_some_and(|s| {
-                                s.notify_in_flight = false;
-                                std::mem::take(&mut s.notify_again)
-                            });
-                            if again {
-                                self.notify_all();
-                            }
-                        }
+                        // A change queued behind the failed notify must not be lost: notify
+                        // again (only connected peers are notified; a peer that reconnects
+                        // pulls on its own).
+                        Outbound::Notify | Outbound::Push(..) => self.notify_answered(peer),
                         Outbound::Join => {}
                     }
                 }
@@ -2009,12 +2025,15 @@ impl EventLoop {
                         s.pulling.get_or_insert_with(|| Session::new("peer"));
                     }
                 }
+                // Whether the push is taken is known at once (applying it comes later); the
+                // sender counts a taken push as served.
+                let taken = self.take_push(peer, notify);
                 let ack = pb::Response {
                     version: wire::VERSION,
-                    body: Some(pb::response::Body::Ack(pb::Ack {})),
+                    body: Some(pb::response::Body::Ack(pb::Ack { taken })),
                 };
                 let _ = self.swarm.behaviour_mut().rr.send_response(channel, ack);
-                if !self.take_push(peer, notify) {
+                if !taken {
                     self.start_pull(peer);
                 }
             }
@@ -2228,7 +2247,7 @@ impl EventLoop {
         }
         let ack = pb::Response {
             version: wire::VERSION,
-            body: Some(pb::response::Body::Ack(pb::Ack {})),
+            body: Some(pb::response::Body::Ack(pb::Ack::default())),
         };
         let _ = self.swarm.behaviour_mut().rr.send_response(channel, ack);
         if !self.authorized(&peer) {
@@ -2257,14 +2276,24 @@ impl EventLoop {
                     s.last_error = Some("peer refused our join key".into());
                 }
             }
-            (Outbound::Notify, _) => {
+            (Outbound::Push(last, items), Some(pb::response::Body::Ack(ack))) if ack.taken => {
+                // As a served pull page: a one-shot sync waiting for the peer to take our
+                // changes up to its start is done with them.
                 if let Some(s) = self.peers.get_mut(&peer) {
-                    s.notify_in_flight = false;
-                    if std::mem::take(&mut s.notify_again) {
-                        self.notify_all();
+                    s.last_sent = Some(chrono::Utc::now());
+                }
+                for m in &mut self.manual {
+                    if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.push_done) {
+                        t.result.sent += items;
+                        if last >= t.push_seq {
+                            t.push_done = true;
+                        }
                     }
                 }
+                self.finish_manual();
+                self.notify_answered(peer);
             }
+            (Outbound::Notify | Outbound::Push(..), _) => self.notify_answered(peer),
             (Outbound::Pull(started, epoch), Some(pb::response::Body::Pull(reply))) => {
                 let Some(s) = self.peers.get_mut(&peer) else {
                     return;
@@ -2474,7 +2503,8 @@ impl EventLoop {
                 }
                 let seq = self.repo.store().last_seq();
                 if more {
-                    return self.send_notify(peer, seq, false);
+                    let run = self.run_owed(&peer);
+                    return self.send_notify(peer, seq, run);
                 }
                 let Some(s) = self.peers.get_mut(&peer) else {
                     return;
@@ -2492,6 +2522,7 @@ impl EventLoop {
                 // Between where the peer last heard from us and `since` lie only pushes left
                 // unsent; if a page served meanwhile moved it past `since`, the push does not
                 // start at its cursor and it pulls instead.
+                let items = docs.len() as u64;
                 let from = if s.told_seq <= since {
                     s.told_seq
                 } else {
@@ -2505,7 +2536,9 @@ impl EventLoop {
                     version: wire::VERSION,
                     body: Some(pb::request::Body::Notify(pb::Notify {
                         seq: last,
-                        run: false,
+                        // A one-shot sync of ours still waits for the peer to take our
+                        // changes: the push counts as part of that run on its side too.
+                        run: self.run_owed(&peer),
                         push: true,
                         since: from,
                         incarnation: incarnation.as_bytes().to_vec(),
@@ -2513,7 +2546,7 @@ impl EventLoop {
                     })),
                 };
                 let id = self.request(peer, req);
-                self.outbound.insert(id, Outbound::Notify);
+                self.outbound.insert(id, Outbound::Push(last, items));
             }
             Work::Served(peer, items, more, last_seq) => {
                 if let Some(s) = self.peers.get_mut(&peer) {

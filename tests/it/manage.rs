@@ -411,7 +411,7 @@ async fn the_conflict_inbox_holds_unreviewed_conflicts_until_acknowledged() {
                 assert_eq!(s, 200, "{e}");
             }
             let out = b.cli(&["sync", &a_id, "--json"]).await;
-            assert!(out.ok, "{}", out.stderr);
+            assert!(out.ok, "{}{}", out.stderr, out.stdout);
             out.json()
         }
     };
