@@ -293,38 +293,34 @@ fn decode_position(v: &[u8]) -> Option<(Uuid, u64)> {
 pub struct Ticket(u64);
 
 /// The changes written last, as the feed would offer them, so a live push reads them from
-/// memory instead of sled. Holds every sequence number in (`floor`, last assigned].
+/// memory instead of sled. Holds every sequence number in (`floor`, last assigned], each
+/// with its bytes (`true`) or, from a large batch, its metadata only (`false`).
 struct Recent {
-    entries: std::collections::VecDeque<FeedEntry>,
+    entries: std::collections::VecDeque<(FeedEntry, bool)>,
     bytes: usize,
     floor: u64,
 }
 
 /// What [`Recent`] keeps, at most.
-const RECENT_ENTRIES: usize = 512;
+const RECENT_ENTRIES: usize = 4096;
 const RECENT_BYTES: usize = 1 << 20;
-/// A batch larger than this (an initial sync's page) is not copied into [`Recent`]: live
-/// pushes are one or a few changes.
+/// The bytes of a batch larger than this (an initial sync's page) are not copied into
+/// [`Recent`], only its metadata: live pushes are one or a few changes, and for a page
+/// received from a peer the metadata is enough to tell that pushing it back to that peer
+/// would carry nothing.
 const RECENT_BATCH: usize = 64;
 
 impl Recent {
-    fn add(&mut self, entry: FeedEntry) {
+    fn add(&mut self, entry: FeedEntry, with_data: bool) {
         self.bytes += entry.data.len();
-        self.entries.push_back(entry);
+        self.entries.push_back((entry, with_data));
         while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
-            let Some(old) = self.entries.pop_front() else {
+            let Some((old, _)) = self.entries.pop_front() else {
                 break;
             };
             self.bytes -= old.data.len();
             self.floor = old.seq;
         }
-    }
-
-    /// Forget everything up to `seq` (a batch too large to keep).
-    fn skip_to(&mut self, seq: u64) {
-        self.entries.clear();
-        self.bytes = 0;
-        self.floor = seq;
     }
 }
 
@@ -586,7 +582,7 @@ impl Store {
         let mut staged: HashMap<Uuid, DocMeta> = HashMap::new();
         let mut metas = Vec::with_capacity(writes.len());
         let keep = writes.len() <= RECENT_BATCH;
-        let mut recent = Vec::with_capacity(if keep { writes.len() } else { 0 });
+        let mut recent = Vec::with_capacity(writes.len());
         for w in writes {
             let old = match staged.get(&w.id) {
                 Some(m) => Some(m.clone()),
@@ -599,14 +595,12 @@ impl Store {
             };
             let meta = self.stage(&mut batch, &mut next, w, old);
             staged.insert(id, meta.clone());
-            if keep {
-                recent.push(FeedEntry {
-                    seq: meta.seq,
-                    id,
-                    meta: meta.clone(),
-                    data,
-                });
-            }
+            recent.push(FeedEntry {
+                seq: meta.seq,
+                id,
+                meta: meta.clone(),
+                data,
+            });
             metas.push(meta);
         }
         // The state record is a hot key; rewrite it only when a counter moves. The clock
@@ -630,12 +624,8 @@ impl Store {
         }
         {
             let mut r = self.recent.lock().expect("recent lock");
-            if keep {
-                for e in recent {
-                    r.add(e);
-                }
-            } else {
-                r.skip_to(next.next_seq - 1);
+            for e in recent {
+                r.add(e, keep);
             }
         }
         *st = next;
@@ -1013,10 +1003,10 @@ impl Store {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut last = since;
-        for e in r
+        for (e, with_data) in r
             .entries
             .iter()
-            .filter(|e| e.seq > since && e.seq <= durable)
+            .filter(|e| e.0.seq > since && e.0.seq <= durable)
         {
             if out.len() >= max_entries || (bytes >= max_bytes && !out.is_empty()) {
                 return Some((out, last, true));
@@ -1026,6 +1016,10 @@ impl Store {
                 || shared.is_some_and(|t| !t.contains(&e.meta.tracker))
             {
                 continue;
+            }
+            if !*with_data {
+                // To be sent, and its bytes were not kept: read the feed.
+                return None;
             }
             bytes += e.data.len();
             out.push(e.clone());
@@ -1571,5 +1565,21 @@ mod tests {
             .feed_recent(last, 10, 1 << 20, 0, None)
             .expect("covered");
         assert_eq!((docs.len(), l), (0, last));
+        // A large page received from peer 7: its metadata alone says pushing it back to 7
+        // would carry nothing.
+        let page: Vec<_> = (0..=RECENT_BATCH)
+            .map(|_| {
+                let mut w = write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false);
+                w.source = 7;
+                w
+            })
+            .collect();
+        let (ticket, _) = store.commit_batch(page).expect("commit");
+        store.wait_durable(ticket).expect("durable");
+        let (docs, l, more) = store
+            .feed_recent(last, 10, 1 << 20, 7, None)
+            .expect("covered");
+        assert_eq!((docs.len(), l, more), (0, store.last_seq(), false));
+        assert!(store.feed_recent(last, 10, 1 << 20, 0, None).is_none());
     }
 }
