@@ -45,6 +45,17 @@ impl From<crate::store::FeedEntry> for RemoteDoc {
     }
 }
 
+/// A page of the feed as sent to a peer: (documents, last sequence number, more follow).
+fn remote_page(
+    (entries, last, more): (Vec<crate::store::FeedEntry>, u64, bool),
+) -> (Vec<RemoteDoc>, u64, bool) {
+    (
+        entries.into_iter().map(RemoteDoc::from).collect(),
+        last,
+        more,
+    )
+}
+
 /// What validation learns of a merged document: its tracker, deleted flag, display id (new
 /// items), highest stamp and name (trackers).
 type Checked = (Uuid, bool, Option<String>, Option<Hlc>, Option<String>);
@@ -94,14 +105,10 @@ impl Repo {
         requester: u64,
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Result<(Vec<RemoteDoc>, u64, bool)> {
-        let (entries, last, more) =
-            self.store
-                .feed_since_shared(since, max_entries, max_bytes, requester, shared)?;
-        Ok((
-            entries.into_iter().map(RemoteDoc::from).collect(),
-            last,
-            more,
-        ))
+        self.store
+            .feed_since_shared(since, max_entries, max_bytes, requester, shared)
+            .map(remote_page)
+            .map_err(Into::into)
     }
 
     /// [`Repo::feed_shared`] from the changes written last, when they cover everything after
@@ -114,14 +121,9 @@ impl Repo {
         requester: u64,
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Option<(Vec<RemoteDoc>, u64, bool)> {
-        let (entries, last, more) =
-            self.store
-                .feed_recent(since, max_entries, max_bytes, requester, shared)?;
-        Some((
-            entries.into_iter().map(RemoteDoc::from).collect(),
-            last,
-            more,
-        ))
+        self.store
+            .feed_recent(since, max_entries, max_bytes, requester, shared)
+            .map(remote_page)
     }
 
     /// Everything of `id` a peer with heads `have` lacks.
