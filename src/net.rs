@@ -1847,6 +1847,21 @@ impl EventLoop {
             .any(|m| m.targets.get(peer).is_some_and(|t| !t.push_done))
     }
 
+    /// `peer` took `items` documents of our feed, up to `last` (`complete`: nothing after it
+    /// was left out of that page); one-shot syncs waiting for it to take our changes count
+    /// them, and are done once it reached where they started.
+    fn sent_to(&mut self, peer: PeerId, items: u64, last: u64, complete: bool) {
+        for m in &mut self.manual {
+            if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.push_done) {
+                t.result.sent += items;
+                if complete && last >= t.push_seq {
+                    t.push_done = true;
+                }
+            }
+        }
+        self.finish_manual();
+    }
+
     /// Our notify to `peer` was answered (or failed): the next may go, and one that waited
     /// behind it goes now.
     fn notify_answered(&mut self, peer: PeerId) {
@@ -2282,15 +2297,7 @@ impl EventLoop {
                 if let Some(s) = self.peers.get_mut(&peer) {
                     s.last_sent = Some(chrono::Utc::now());
                 }
-                for m in &mut self.manual {
-                    if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.push_done) {
-                        t.result.sent += items;
-                        if last >= t.push_seq {
-                            t.push_done = true;
-                        }
-                    }
-                }
-                self.finish_manual();
+                self.sent_to(peer, items, last, true);
                 self.notify_answered(peer);
             }
             (Outbound::Notify | Outbound::Push(..), _) => self.notify_answered(peer),
@@ -2513,21 +2520,13 @@ impl EventLoop {
                     // Nothing it lacks (typically its own change, just applied here): no
                     // echo. The next push starts where it last heard from us.
                     s.served_seq = s.served_seq.max(last);
-                    s.notify_in_flight = false;
-                    if std::mem::take(&mut s.notify_again) {
-                        self.notify_all();
-                    }
-                    return;
+                    return self.notify_answered(peer);
                 }
                 // Between where the peer last heard from us and `since` lie only pushes left
                 // unsent; if a page served meanwhile moved it past `since`, the push does not
                 // start at its cursor and it pulls instead.
                 let items = docs.len() as u64;
-                let from = if s.told_seq <= since {
-                    s.told_seq
-                } else {
-                    since
-                };
+                let from = s.told_seq.min(since);
                 // It has all of this once it takes the push; if it does not, it pulls from
                 // where it is, and its pull tells us.
                 s.served_seq = s.served_seq.max(last);
@@ -2556,15 +2555,7 @@ impl EventLoop {
                         s.last_sent = Some(chrono::Utc::now());
                     }
                 }
-                for m in &mut self.manual {
-                    if let Some(t) = m.targets.get_mut(&peer).filter(|t| !t.push_done) {
-                        t.result.sent += items;
-                        if !more && last_seq >= t.push_seq {
-                            t.push_done = true;
-                        }
-                    }
-                }
-                self.finish_manual();
+                self.sent_to(peer, items, last_seq, !more);
                 let Some(s) = self.peers.get_mut(&peer) else {
                     return;
                 };

@@ -405,6 +405,17 @@ pub struct Store {
     recent: Mutex<Recent>,
 }
 
+/// Whether the feed leaves a document out for a reader: the reader (tagged `skip_source`)
+/// sent us exactly this state, or its tracker is outside the share policy `shared`.
+fn left_out(
+    meta: &DocMeta,
+    skip_source: u64,
+    shared: Option<&std::collections::HashSet<Uuid>>,
+) -> bool {
+    (skip_source != 0 && meta.source == skip_source)
+        || shared.is_some_and(|t| !t.contains(&meta.tracker))
+}
+
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
     k.push(prefix);
@@ -716,11 +727,6 @@ impl Store {
         meta
     }
 
-    /// Block until every batch applied so far is durable.
-    pub fn wait_all_durable(&self) -> Result<()> {
-        self.wait_durable(Ticket(self.applied.load(Ordering::SeqCst)))
-    }
-
     /// Block until the batch behind `ticket` is durable (group commit: concurrent waiters share
     /// one flush).
     pub fn wait_durable(&self, ticket: Ticket) -> Result<()> {
@@ -933,9 +939,7 @@ impl Store {
                 let Some(m) = self.doc_meta(id)? else {
                     continue;
                 };
-                if (skip_source != 0 && m.source == skip_source)
-                    || shared.is_some_and(|t| !t.contains(&m.tracker))
-                {
+                if left_out(&m, skip_source, shared) {
                     continue;
                 }
             }
@@ -1012,9 +1016,7 @@ impl Store {
                 return Some((out, last, true));
             }
             last = e.seq;
-            if (skip_source != 0 && e.meta.source == skip_source)
-                || shared.is_some_and(|t| !t.contains(&e.meta.tracker))
-            {
+            if left_out(&e.meta, skip_source, shared) {
                 continue;
             }
             if !*with_data {
@@ -1034,7 +1036,7 @@ impl Store {
     /// entry) while the page was read, and the document's older, durable state would lie
     /// behind the reader's checkpoint unseen.
     fn feed_durable(&self) -> Result<()> {
-        self.wait_all_durable()
+        self.wait_durable(Ticket(self.applied.load(Ordering::SeqCst)))
     }
 
     /// How many documents changed after `since` that a pull by the peer tagged `skip_source`
