@@ -218,7 +218,7 @@ impl Node {
             Err(repo) => {
                 // A task still holds the store: flush it; the next start replays the log.
                 tracing::debug!("store still shared at shutdown: flushed, not checkpointed");
-                repo.store().flush().map_err(Into::into)
+                repo.store().flush_for_stop().map_err(Into::into)
             }
         })
         .await

@@ -223,9 +223,21 @@ impl Repo {
         self.events.subscribe()
     }
 
-    /// Moves whenever a write (local or remote, item or tracker) has become durable.
+    /// Moves whenever a local write has been applied (its flush may still be under way: live
+    /// pushes need not wait for it, see [`crate::store::Store::feed_recent`]) and whenever a
+    /// page of peers' changes has become durable.
     pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// A local write's last step before it is acknowledged: tell the network loop (live pushes
+    /// go out now, while the flush runs), wait for durability, and tell it again (for what
+    /// the pushes could not carry yet, see [`crate::store::Store::feed_recent`]).
+    fn settle(&self, ticket: Ticket) -> Result<()> {
+        self.signal_change();
+        self.store.wait_durable(ticket)?;
+        self.signal_change();
+        Ok(())
     }
 
     fn signal_change(&self) {
@@ -420,8 +432,7 @@ impl Repo {
             },
         )?;
         drop(guard);
-        self.store.wait_durable(ticket)?;
-        self.signal_change();
+        self.settle(ticket)?;
         self.refresh_tracker(id)
     }
 
@@ -448,8 +459,7 @@ impl Repo {
         }
         let ticket = self.persist(id, &mut guard, Indexing::tracker(id))?;
         drop(guard);
-        self.store.wait_durable(ticket)?;
-        self.signal_change();
+        self.settle(ticket)?;
         self.refresh_tracker(id)
     }
 
@@ -546,8 +556,7 @@ impl Repo {
     }
 
     fn finish(&self, ticket: Ticket, view: &ItemView) -> Result<()> {
-        self.store.wait_durable(ticket)?;
-        self.signal_change();
+        self.settle(ticket)?;
         // No subscribers is fine: events are for whoever listens.
         let _ = self.events.send(ItemEvent {
             item: view.id,

@@ -6,7 +6,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `M` name | node metadata: HLC high-water mark, counters |
+//! | `M` name | node metadata: HLC high-water mark, counters, open marker, sequence floor |
 //! | `H` doc id | [`DocMeta`]: kind, tracker, heads, change seq, chunk bookkeeping |
 //! | `S` doc id | compacted Automerge snapshot (`save()`) |
 //! | `C` doc id, chunk u32 BE | one incremental change chunk (`save_after(heads)`) |
@@ -87,6 +87,20 @@ const META_INCARNATION: &[u8] = b"Mincarnation";
 /// Counters and the clock high-water mark, in one key so a write updates one record:
 /// version u8, live items u64, trackers u64, display counter u64, HLC (28 bytes).
 const META_STATE: &[u8] = b"Mstate";
+
+/// Present while the store is open (written durably at open, removed by [`Store::flush`] on a
+/// clean stop). Found at open, it says the last run ended without a clean stop.
+const META_OPEN: &[u8] = b"Mopen";
+
+/// The lowest sequence number the next change may take (u64 BE): where numbering resumed after
+/// the last gap (see [`SEQ_AHEAD`]). Absent until the first gap.
+const META_SEQ_FLOOR: &[u8] = b"Mseqfloor";
+
+/// How far past the last durable change a live push may reach (see [`Store::feed_recent`]).
+/// After a run that ended without a clean stop, sequence numbers resume this far past the last
+/// one found on disk (or the last floor), so none a peer may have been pushed before the crash
+/// is reused; the new floor is durable before the store takes writes.
+const SEQ_AHEAD: u64 = 1 << 16;
 const STATE_LEN: usize = 1 + 8 + 8 + 8 + crate::hlc::HLC_BYTES;
 
 #[derive(Debug, thiserror::Error)]
@@ -436,7 +450,26 @@ impl Store {
         // sled's log file, to fdatasync after sled's own flush (see `Store::sync`).
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        let next_seq = next_counter(&db, P_SEQ, "sequence key is not 8 bytes")?;
+        let floor = match db.get(META_SEQ_FLOOR)? {
+            None => 0,
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    key: "Mseqfloor".into(),
+                    what: "sequence floor",
+                })?)
+            }
+        };
+        let mut next_seq = next_counter(&db, P_SEQ, "sequence key is not 8 bytes")?.max(floor);
+        let unclean = db.get(META_OPEN)?.is_some();
+        if unclean {
+            // Changes applied but not yet durable when the last run ended may have been
+            // pushed to peers under numbers the log no longer holds: never reuse them.
+            next_seq += SEQ_AHEAD;
+            tracing::info!(
+                next_seq,
+                "the last run ended without a clean stop; change numbers resume past a gap"
+            );
+        }
         let (live_items, trackers, display, hlc) = match db.get(META_STATE)? {
             None => (0, 0, 0, Hlc::default()),
             Some(v) => CommitState::decode(&v).ok_or(StoreError::Corrupt {
@@ -462,6 +495,21 @@ impl Store {
             }
         };
         let log_next = next_counter(&db, P_LOG, "log key is not 8 bytes")?;
+        // Durable before any push can reach past the last durable change. A store that
+        // cannot write it (a full disk) opens failed: reads only, pushes of durable changes.
+        let marked = db
+            .insert(META_OPEN, &[])
+            .and_then(|_| match unclean {
+                true => db
+                    .insert(META_SEQ_FLOOR, &next_seq.to_be_bytes())
+                    .map(|_| ()),
+                false => Ok(()),
+            })
+            .and_then(|_| db.flush())
+            .and_then(|_| Ok(log_file.sync_data()?));
+        if let Err(e) = &marked {
+            tracing::warn!(error = %e, "cannot mark the store open; it takes no writes");
+        }
         Ok(Store {
             db,
             path: path.to_path_buf(),
@@ -471,6 +519,7 @@ impl Store {
             applied: AtomicU64::new(0),
             flush: Mutex::new(FlushState {
                 flushed: 0,
+                // Everything below is durable: on disk, or the gap (its floor is).
                 durable_seq: next_seq - 1,
                 in_progress: false,
                 last_error: None,
@@ -481,7 +530,7 @@ impl Store {
             display_next: AtomicU64::new(display_next),
             log_next: AtomicU64::new(log_next),
             flushes: AtomicU64::new(0),
-            io_failed: std::sync::atomic::AtomicBool::new(false),
+            io_failed: std::sync::atomic::AtomicBool::new(marked.is_err()),
             log_file,
             digests: Mutex::new(None),
             recent: Mutex::new(Recent {
@@ -805,10 +854,23 @@ impl Store {
         WriteGuard(self)
     }
 
-    /// Flush everything (shutdown), with the state record current.
+    /// Flush everything, with the state record current.
     pub fn flush(&self) -> Result<()> {
+        self.flush_inner(false)
+    }
+
+    /// [`Store::flush`] for a clean stop: the next open finds the store closed cleanly (no
+    /// write may follow).
+    pub fn flush_for_stop(&self) -> Result<()> {
+        self.flush_inner(true)
+    }
+
+    fn flush_inner(&self, stop: bool) -> Result<()> {
         let st = self.commit.lock().expect("commit lock");
         self.db.insert(META_STATE, st.encode())?;
+        if stop {
+            self.db.remove(META_OPEN)?;
+        }
         drop(st);
         self.sync()?;
         Ok(())
@@ -821,7 +883,7 @@ impl Store {
     /// a clean stop, the next start replays only what came after it. After a crash the next
     /// start pays it instead; nothing is lost either way.
     pub fn close_with_checkpoint(self) -> Result<()> {
-        self.flush()?;
+        self.flush_for_stop()?;
         let (path, cache_bytes) = (self.path.clone(), self.cache_bytes);
         drop(self);
         let t0 = Instant::now();
@@ -987,10 +1049,19 @@ impl Store {
 
     /// [`Store::feed_since_shared`] answered from memory when the last changes cover
     /// everything after `since`: what a live push needs, without a thread hand-off or a read
-    /// of sled. `None` when they do not (the caller reads the feed). Up to the last durable
-    /// change only, for the same reason as [`Store::feed_page`]. A document changed more than
-    /// once in the range comes once per change (each with its own bytes), where the feed
+    /// of sled. `None` when they do not (the caller reads the feed). A document changed more
+    /// than once in the range comes once per change (each with its own bytes), where the feed
     /// would offer it once.
+    ///
+    /// Unlike [`Store::feed_page`], it does not wait for durability: a live push goes out while
+    /// its change is being flushed (the flush is most of a write's latency). That is safe
+    /// because memory holds every change in the range, an older state of a document too (a
+    /// page read from sled could pass over a document's old position after it moved), and
+    /// because sequence numbers are never reused: the push reaches at most [`SEQ_AHEAD`] past
+    /// the last durable change, and a store reopened after a crash resumes numbering that far
+    /// past what it finds. A receiver may then hold a change its source lost in a crash; the
+    /// source's writer was never told it succeeded, and gets it back from the receiver. A
+    /// store whose flush failed pushes durable changes only.
     pub fn feed_recent(
         &self,
         since: u64,
@@ -1000,6 +1071,11 @@ impl Store {
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Option<(Vec<FeedEntry>, u64, bool)> {
         let durable = self.flush.lock().expect("flush lock").durable_seq;
+        let limit = if self.failed() {
+            durable
+        } else {
+            durable + SEQ_AHEAD
+        };
         let r = self.recent.lock().expect("recent lock");
         if since < r.floor {
             return None;
@@ -1010,7 +1086,7 @@ impl Store {
         for (e, with_data) in r
             .entries
             .iter()
-            .filter(|e| e.0.seq > since && e.0.seq <= durable)
+            .filter(|e| e.0.seq > since && e.0.seq <= limit)
         {
             if out.len() >= max_entries || (bytes >= max_bytes && !out.is_empty()) {
                 return Some((out, last, true));
@@ -1026,7 +1102,8 @@ impl Store {
             bytes += e.data.len();
             out.push(e.clone());
         }
-        Some((out, durable.max(since), false))
+        let applied = r.entries.back().map_or(since, |e| e.0.seq);
+        Some((out, applied.min(limit).max(since), false))
     }
 
     /// A page of the feed goes out only once everything applied before it was read is
@@ -1480,11 +1557,11 @@ mod tests {
                     .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false))
                     .expect("commit");
             }
-            store.flush().expect("flush");
+            store.flush_for_stop().expect("flush");
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.live_items(), 3);
-        assert_eq!(store.last_seq(), 3);
+        assert_eq!(store.last_seq(), 3, "after a clean stop, numbering goes on");
         let (page, more) = store.items_of_tracker(t, None, 2, None).expect("list");
         assert!(more);
         let (rest, more) = store
@@ -1542,9 +1619,9 @@ mod tests {
                 from_peer,
             ])
             .expect("commit");
-        // Not durable yet: nothing to offer.
+        // Not durable yet, and offered already: a push need not wait for the flush.
         let (docs, last, more) = store.feed_recent(0, 10, 1 << 20, 0, None).expect("covered");
-        assert_eq!((docs.len(), last, more), (0, 0, false));
+        assert_eq!((docs.len(), last, more), (2, 2, false));
         store.wait_durable(ticket).expect("durable");
         let (docs, last, _) = store.feed_recent(0, 10, 1 << 20, 7, None).expect("covered");
         assert_eq!(
@@ -1583,5 +1660,62 @@ mod tests {
             .expect("covered");
         assert_eq!((docs.len(), l, more), (0, store.last_seq(), false));
         assert!(store.feed_recent(last, 10, 1 << 20, 0, None).is_none());
+        // A store that cannot flush pushes only what is durable.
+        let last = store.last_seq();
+        store
+            .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false))
+            .expect("commit");
+        store.io_failed.store(true, Ordering::SeqCst);
+        let (docs, l, _) = store
+            .feed_recent(last, 10, 1 << 20, 0, None)
+            .expect("covered");
+        assert_eq!((docs.len(), l), (0, last));
+    }
+
+    /// The highest sequence number a push could carry right now (see `Store::feed_recent`).
+    fn push_reach(store: &Store) -> u64 {
+        store.flush.lock().expect("flush lock").durable_seq + SEQ_AHEAD
+    }
+
+    #[test]
+    fn numbers_a_push_may_carry_are_never_reused_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Uuid::now_v7();
+        let commit = |store: &Store| {
+            store
+                .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false))
+                .expect("commit")
+                .0
+        };
+        let reach = {
+            let store = Store::open(dir.path()).expect("open");
+            let ticket = commit(&store);
+            store.wait_durable(ticket).expect("durable");
+            commit(&store);
+            // Pushed before it is durable.
+            let (docs, last, _) = store.feed_recent(0, 10, 1 << 20, 0, None).expect("covered");
+            assert_eq!((docs.len(), last), (2, 2));
+            push_reach(&store)
+            // Dropped without a clean stop: a crash, as far as the next open can tell.
+        };
+        let reach = {
+            let store = Store::open(dir.path()).expect("reopen");
+            assert!(
+                store.last_seq() >= reach,
+                "resumes past what could have been pushed: {} < {reach}",
+                store.last_seq()
+            );
+            // A flush with nothing new, then a crash: the floor keeps the gap's end durable.
+            store.flush().expect("flush");
+            commit(&store);
+            push_reach(&store)
+        };
+        let store = Store::open(dir.path()).expect("reopen");
+        assert!(store.last_seq() >= reach, "{} < {reach}", store.last_seq());
+        let before = store.last_seq();
+        store.flush_for_stop().expect("stop");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.last_seq(), before, "no gap after a clean stop");
     }
 }
