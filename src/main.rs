@@ -16,7 +16,10 @@ async fn main() -> std::process::ExitCode {
         "warn"
     };
     tracing_subscriber::fmt()
-        .with_env_filter(log_filter(default))
+        .with_env_filter(log_filter(
+            &std::env::var("RUST_LOG").unwrap_or_default(),
+            default,
+        ))
         .with_writer(std::io::stderr)
         .init();
     match trackersync::cli::run(cli).await {
@@ -49,8 +52,44 @@ fn return_freed_memory_at_once() {
     }
 }
 
+/// `spec` from `RUST_LOG` (or `default` when empty or invalid), with Automerge held to warnings unless it
+/// names Automerge itself. Automerge 0.12 instruments `load_changes` at INFO with the
+/// document's whole change graph as a Debug field: under an `info` filter every received
+/// change formatted the document's history (on the live path, 1.2 ms of B's 1.4 ms apply for
+/// a document with a thousand changes).
+fn log_filter(spec: &str, default: &str) -> EnvFilter {
+    let filter = EnvFilter::try_new(spec)
+        .ok()
+        .filter(|_| !spec.trim().is_empty())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    if spec.contains("automerge") {
+        return filter;
+    }
+    filter.add_directive("automerge=warn".parse().expect("a valid directive"))
+}
+
 #[cfg(test)]
 mod tests {
+    /// Whether INFO events of Automerge's loader and of our network code pass
+    /// `log_filter(spec, "info")`.
+    fn info_passes(spec: &str) -> (bool, bool) {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry().with(super::log_filter(spec, "info"));
+        tracing::subscriber::with_default(subscriber, || {
+            (
+                tracing::enabled!(target: "automerge::storage::load", tracing::Level::INFO),
+                tracing::enabled!(target: "trackersync::net", tracing::Level::INFO),
+            )
+        })
+    }
+
+    #[test]
+    fn automerge_stays_quiet_unless_named() {
+        assert_eq!(info_passes(""), (false, true));
+        assert_eq!(info_passes("debug"), (false, true));
+        assert_eq!(info_passes("info,automerge=info"), (true, true));
+    }
+
     /// The option index is right for the mimalloc this binary links (an upgrade that moved it
     /// would silently set some other option): its default is mimalloc v3's 1,000 ms, and it
     /// reads back what was set.
@@ -66,21 +105,4 @@ mod tests {
         let after = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
         assert_eq!(after, 0);
     }
-}
-
-/// `RUST_LOG` (or `default` when unset or invalid), with Automerge held to warnings unless it
-/// names Automerge itself. Automerge 0.12 instruments `load_changes` at INFO with the
-/// document's whole change graph as a Debug field: under an `info` filter every received
-/// change formatted the document's history (on the live path, 1.2 ms of B's 1.4 ms apply for
-/// a document with a thousand changes).
-fn log_filter(default: &str) -> EnvFilter {
-    let spec = std::env::var("RUST_LOG").unwrap_or_default();
-    let filter = EnvFilter::try_new(&spec)
-        .ok()
-        .filter(|_| !spec.trim().is_empty())
-        .unwrap_or_else(|| EnvFilter::new(default));
-    if spec.contains("automerge") {
-        return filter;
-    }
-    filter.add_directive("automerge=warn".parse().expect("a valid directive"))
 }
