@@ -52,8 +52,8 @@ fn return_freed_memory_at_once() {
     }
 }
 
-/// `spec` from `RUST_LOG` (or `default` when empty or invalid), with Automerge held to warnings unless it
-/// names Automerge itself. Automerge 0.12 instruments `load_changes` at INFO with the
+/// `spec` from `RUST_LOG` (or `default` when empty or invalid), with Automerge held to
+/// warnings unless it names Automerge itself. Automerge 0.12 instruments `load_changes` at INFO with the
 /// document's whole change graph as a Debug field: under an `info` filter every received
 /// change formatted the document's history (on the live path, 1.2 ms of B's 1.4 ms apply for
 /// a document with a thousand changes).

@@ -88,8 +88,8 @@ const META_INCARNATION: &[u8] = b"Mincarnation";
 /// version u8, live items u64, trackers u64, display counter u64, HLC (28 bytes).
 const META_STATE: &[u8] = b"Mstate";
 
-/// Present while the store is open (written durably at open, removed by [`Store::flush`] on a
-/// clean stop). Found at open, it says the last run ended without a clean stop.
+/// Present while the store is open (written durably at open, removed by
+/// [`Store::flush_for_stop`] on a clean stop). Found at open, it says the last run ended without a clean stop.
 const META_OPEN: &[u8] = b"Mopen";
 
 /// The lowest sequence number the next change may take (u64 BE): where numbering resumed after
