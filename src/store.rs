@@ -55,6 +55,29 @@ fn sled_config(path: &Path, cache_bytes: u64) -> sled::Config {
         .flush_every_ms(None)
 }
 
+/// How long an open waits for sled's file lock (see [`open_sled`]).
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Open sled, waiting a little for its file lock. Dropping a `sled::Db` releases the lock
+/// only when sled's background threads let go of their last reference to the log, which
+/// may be moments later: a reopen in the same process (the checkpoint at a clean stop, a
+/// restart in tests) can find it still held. Another process holding the store still gets
+/// sled's "could not acquire lock" error, after `LOCK_WAIT`.
+fn open_sled(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match sled_config(path, cache_bytes).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 const P_DOCMETA: u8 = b'H';
 const P_SNAPSHOT: u8 = b'S';
 const P_CHUNK: u8 = b'C';
@@ -450,7 +473,7 @@ impl Store {
 
     /// Open with a page cache of `cache_bytes` (sled's own accounting; it may overshoot).
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Store> {
-        let db = sled_config(path, cache_bytes).open()?;
+        let db = open_sled(path, cache_bytes)?;
         // sled's log file, to fdatasync after sled's own flush (see `Store::sync`).
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
@@ -896,7 +919,7 @@ impl Store {
         // Opening replays the log and writes the snapshot; dropping closes it again. Everything
         // is durable already: if that fails (sled cannot open a store on a full disk), the
         // next start replays the log, as after a crash.
-        match sled_config(&path, cache_bytes).open() {
+        match open_sled(&path, cache_bytes) {
             Ok(db) => {
                 drop(db);
                 tracing::debug!(elapsed = ?t0.elapsed(), "store checkpointed");
