@@ -187,18 +187,20 @@ impl RunningNode {
     pub async fn start(dir: &Path, extra: &[&str]) -> Result<RunningNode> {
         let addr_file = dir.join("api-addr");
         let _ = std::fs::remove_file(&addr_file);
+        // TRACKERSYNC_BENCH_LOGS=1 shows the nodes' logs (sync page traces) on stderr;
+        // otherwise they go to a file beside the data directory, quoted if the node fails.
+        let log_file = dir.with_extension("stderr");
+        let stderr = match std::env::var_os("TRACKERSYNC_BENCH_LOGS") {
+            Some(_) => Stdio::inherit(),
+            None => Stdio::from(std::fs::File::create(&log_file)?),
+        };
         let t0 = Instant::now();
-        let child = Command::new(node_binary()?)
+        let mut child = Command::new(node_binary()?)
             .args(["serve", "--api", "127.0.0.1:0", "--no-mdns", "--data"])
             .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
-            // TRACKERSYNC_BENCH_LOGS=1 shows the nodes' logs (sync page traces) on stderr.
-            .stderr(if std::env::var_os("TRACKERSYNC_BENCH_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()?;
         let addr = loop {
@@ -206,6 +208,14 @@ impl RunningNode {
                 if !s.trim().is_empty() {
                     break s;
                 }
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                bail!(
+                    "node exited ({status}) before its API came up: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
             }
             if t0.elapsed() > Duration::from_secs(120) {
                 bail!("node did not start within 120 s");

@@ -91,7 +91,9 @@ pub struct ItemEvent {
 }
 
 struct Loaded {
-    doc: AutoCommit,
+    /// Boxed: `AutoCommit` is about 4 KiB inline, and the cache keeps an `Option<Loaded>` for
+    /// every entry, loaded or not.
+    doc: Box<AutoCommit>,
     /// `None` until the document is first committed.
     meta: Option<DocMeta>,
     /// Highest stamp in the document: the floor for the next local write. Kept here so a
@@ -293,7 +295,7 @@ impl Repo {
             meta.heads = heads_of(&mut doc);
             let max_hlc = crate::register::max_hlc(&doc);
             *slot = Some(Loaded {
-                doc,
+                doc: Box::new(doc),
                 meta: Some(meta),
                 max_hlc,
             });
@@ -427,7 +429,7 @@ impl Repo {
         let slot = self.slot(id);
         let mut guard = slot.lock();
         *guard = Some(Loaded {
-            doc,
+            doc: Box::new(doc),
             meta: None,
             max_hlc: Some(hlc),
         });
@@ -546,7 +548,7 @@ impl Repo {
         let slot = self.slot(id);
         let mut guard = slot.lock();
         *guard = Some(Loaded {
-            doc,
+            doc: Box::new(doc),
             meta: None,
             max_hlc: Some(hlc),
         });

@@ -332,7 +332,7 @@ impl Repo {
                         .doc
                         .load_incremental(&remote.data)
                         .map_err(|e| e.to_string())?;
-                    Ok(loaded.doc)
+                    Ok(*loaded.doc)
                 }
                 None => {
                     let mut doc = match AutoCommit::load(&remote.data) {
@@ -455,7 +455,7 @@ impl Repo {
         };
         // Holding exactly the sender's state, serving its pulls can skip this document.
         *guard = Some(Loaded {
-            doc,
+            doc: Box::new(doc),
             meta,
             max_hlc: max,
         });
