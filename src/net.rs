@@ -535,6 +535,9 @@ impl PeerState {
 }
 
 /// A pull in progress: the page being applied, waiting for a fetch of incomplete documents.
+/// A page that applied at least this many documents has its checkpoint flushed at once.
+const CHECKPOINT_FLUSH_ITEMS: usize = 64;
+
 struct PullPage {
     incarnation: Uuid,
     last_seq: u64,
@@ -595,12 +598,25 @@ const MAX_RECON_ROUNDS: u32 = 10_000;
 enum Outbound {
     /// Sent at, and the peer's pull epoch then.
     Pull(Instant, u64),
-    Fetch(PullPage),
+    Fetch(PullPage, Fetched),
     Reconcile(u64),
     Notify,
     /// A notify carrying a push: the last sequence number and the documents it covers.
     Push(u64, u64),
     Join,
+}
+
+/// Which fetch a page's documents came from. A fetch names our heads and asks for what we
+/// lack; a peer that does not know all of them (we hold changes it lacks) answers with its
+/// heads only. If we lack some of those, the next fetch asks for the whole document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fetched {
+    /// A pulled page or push: not from a fetch.
+    No,
+    /// A fetch naming our heads.
+    Diff,
+    /// A fetch for whole documents.
+    Whole,
 }
 
 /// A live push carries at most this many documents and bytes; more is left to a pull.
@@ -613,7 +629,7 @@ enum Work {
         PeerId,
         PullPage,
         Result<Vec<(Uuid, u64, Applied)>, String>,
-        bool,
+        Fetched,
     ),
     Compared(PeerId, u64, Result<reconcile::Outcome, wire::WireError>),
     /// We served a pull: entries sent, whether more follow, the page's last sequence number.
@@ -894,7 +910,11 @@ impl EventLoop {
             }
             self.start_pull(peer);
         } else if !config.addrs.is_empty() {
-            state.retry_at = Some(Instant::now());
+            // Now, not at the next tick (up to 250 ms away).
+            if let Err(e) = self.dial_peer(peer) {
+                tracing::debug!(%peer, error = %e, "dial failed");
+                self.backoff(peer, &e.to_string());
+            }
         }
         Ok(config)
     }
@@ -956,13 +976,17 @@ impl EventLoop {
                     .collect()
             })
             .unwrap_or_default();
-        self.swarm.dial(
+        match self.swarm.dial(
             libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
                 .addresses(addrs)
                 .extend_addresses_through_behaviour()
                 .allocate_new_port()
                 .build(),
-        )
+        ) {
+            // Connected already, or a dial is under way: the connection is what we want.
+            Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => Ok(()),
+            other => other,
+        }
     }
 
     fn backoff(&mut self, peer: PeerId, error: &str) {
@@ -1239,7 +1263,7 @@ impl EventLoop {
             s.queued = Some((page, docs));
         } else {
             s.applying = true;
-            self.apply(peer, page, docs, false);
+            self.apply(peer, page, docs, Fetched::No);
         }
         true
     }
@@ -1660,7 +1684,8 @@ impl EventLoop {
             body: Some(pb::request::Body::Fetch(pb::Fetch { docs })),
         };
         let id = self.request(peer, req);
-        self.outbound.insert(id, Outbound::Fetch(page));
+        self.outbound
+            .insert(id, Outbound::Fetch(page, Fetched::Diff));
     }
 
     fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -1942,7 +1967,7 @@ impl EventLoop {
                                 s.last_error = Some(error.to_string());
                             }
                         }
-                        Outbound::Fetch(_) => {
+                        Outbound::Fetch(..) => {
                             if let Some(s) = self.peers.get_mut(&peer) {
                                 s.applying = false;
                                 s.reset_pull();
@@ -2341,7 +2366,7 @@ impl EventLoop {
                     s.queued = Some((page, docs));
                 } else {
                     s.applying = true;
-                    self.apply(peer, page, docs, false);
+                    self.apply(peer, page, docs, Fetched::No);
                 }
                 // Pipeline: ask for the next page (or news a notify announced) while this
                 // one applies.
@@ -2387,7 +2412,7 @@ impl EventLoop {
                     let _ = work.blocking_send(Work::Compared(peer, epoch, outcome));
                 });
             }
-            (Outbound::Fetch(page), Some(pb::response::Body::Fetch(reply))) => {
+            (Outbound::Fetch(page, fetched), Some(pb::response::Body::Fetch(reply))) => {
                 let mut docs = Vec::with_capacity(reply.docs.len());
                 for e in reply.docs {
                     match wire::doc_from_wire(e) {
@@ -2398,7 +2423,7 @@ impl EventLoop {
                         Err(e) => return self.drop_peer(peer, &e.to_string()),
                     }
                 }
-                self.apply(peer, page, docs, true);
+                self.apply(peer, page, docs, fetched);
             }
             (out, Some(pb::response::Body::Refused(r))) => {
                 tracing::warn!(%peer, reason = %r.reason, "peer refused our request");
@@ -2410,7 +2435,7 @@ impl EventLoop {
                         {
                             return
                         }
-                        Outbound::Fetch(_) => s.applying = false,
+                        Outbound::Fetch(..) => s.applying = false,
                         _ => {}
                     }
                     s.reset_pull();
@@ -2424,7 +2449,7 @@ impl EventLoop {
         }
     }
 
-    fn apply(&mut self, peer: PeerId, page: PullPage, docs: Vec<RemoteDoc>, after_fetch: bool) {
+    fn apply(&mut self, peer: PeerId, page: PullPage, docs: Vec<RemoteDoc>, fetched: Fetched) {
         if docs.is_empty() {
             // An empty page (an already-synced pull) only moves the checkpoint: no blocking
             // thread. Still reported through the work queue, after the caller has updated the
@@ -2432,7 +2457,7 @@ impl EventLoop {
             let work = self.work_tx.clone();
             tokio::spawn(async move {
                 let _ = work
-                    .send(Work::Applied(peer, page, Ok(Vec::new()), after_fetch))
+                    .send(Work::Applied(peer, page, Ok(Vec::new()), fetched))
                     .await;
             });
             return;
@@ -2495,7 +2520,7 @@ impl EventLoop {
                 );
                 Ok(out)
             })();
-            let _ = work.blocking_send(Work::Applied(peer, page, result, after_fetch));
+            let _ = work.blocking_send(Work::Applied(peer, page, result, fetched));
         });
     }
 
@@ -2604,7 +2629,7 @@ impl EventLoop {
                     .rr
                     .send_response(channel, response);
             }
-            Work::Applied(peer, mut page, result, after_fetch) => {
+            Work::Applied(peer, mut page, result, fetched) => {
                 let results = match result {
                     Ok(r) => r,
                     Err(e) => {
@@ -2638,10 +2663,16 @@ impl EventLoop {
                             last_refusal = Some(why);
                         }
                         Applied::Unchanged => {}
-                        Applied::Incomplete { have } if !after_fetch => fetch.push(pb::Have {
-                            id: id.as_bytes().to_vec(),
-                            heads: have.into_iter().map(|h| h.to_vec()).collect(),
-                        }),
+                        Applied::Incomplete { have } if fetched != Fetched::Whole => {
+                            fetch.push(pb::Have {
+                                id: id.as_bytes().to_vec(),
+                                // After a fetch by heads, the whole document.
+                                heads: match fetched {
+                                    Fetched::No => have.into_iter().map(|h| h.to_vec()).collect(),
+                                    _ => Vec::new(),
+                                },
+                            })
+                        }
                         Applied::Incomplete { .. } => {
                             tracing::warn!(%peer, doc = %id, "document still incomplete after fetch; retried later");
                             block(&mut page);
@@ -2684,7 +2715,11 @@ impl EventLoop {
                         body: Some(pb::request::Body::Fetch(pb::Fetch { docs: fetch })),
                     };
                     let id = self.request(peer, req);
-                    self.outbound.insert(id, Outbound::Fetch(page));
+                    let next = match fetched {
+                        Fetched::No => Fetched::Diff,
+                        _ => Fetched::Whole,
+                    };
+                    self.outbound.insert(id, Outbound::Fetch(page, next));
                     return;
                 }
                 self.finish_page(peer, page);
@@ -2711,11 +2746,21 @@ impl EventLoop {
             None => page.last_seq,
         };
         // What the page covers is durable already; the checkpoint itself need not be (a lost
-        // one costs a re-pull), so it rides on the next flush. Saved off the loop.
+        // one costs a re-pull), so after a small page it rides on the next flush. After a
+        // large one it is flushed at once: a node stopped right after catching up would
+        // otherwise pull the whole catch-up again. Saved off the loop.
         let repo = self.repo.clone();
         let (key, incarnation) = (peer.to_bytes(), page.incarnation);
+        let flush = page.received >= CHECKPOINT_FLUSH_ITEMS;
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = repo.store().set_checkpoint(&key, incarnation, checkpoint) {
+            let saved = repo
+                .store()
+                .set_checkpoint(&key, incarnation, checkpoint)
+                .and_then(|()| match flush {
+                    true => repo.store().flush(),
+                    false => Ok(()),
+                });
+            if let Err(e) = saved {
                 tracing::error!(error = %e, "cannot save checkpoint");
             }
         });
@@ -2749,7 +2794,7 @@ impl EventLoop {
         if let Some((next, docs)) = s.queued.take() {
             s.applying = true;
             let again = s.more || s.pull_again;
-            self.apply(peer, next, docs, false);
+            self.apply(peer, next, docs, Fetched::No);
             if again {
                 self.start_pull(peer);
             }

@@ -137,17 +137,26 @@ impl Repo {
             return Ok(None);
         };
         let have: Vec<ChangeHash> = have.iter().map(|h| ChangeHash(*h)).collect();
-        // A peer without the document gets it whole and compact; heads we do not know make
-        // Automerge return everything, which is what the peer needs.
+        // A peer without the document gets it whole and compact. A peer naming heads we do
+        // not know holds changes we lack, so we cannot tell what it lacks (Automerge would
+        // send everything): it gets our heads alone. Usually it holds those too (it is ahead
+        // of us, as after reconciling with a peer that was offline); if not, it asks for the
+        // whole document.
         let data = if have.is_empty() {
             loaded.doc.save()
+        } else if have
+            .iter()
+            .any(|h| loaded.doc.get_change_by_hash(h).is_none())
+        {
+            Vec::new()
         } else {
-            loaded.doc.save_after(&have)
+            let data = loaded.doc.save_after(&have);
+            if data.is_empty() {
+                // The peer has everything of it already.
+                return Ok(None);
+            }
+            data
         };
-        if data.is_empty() {
-            // The peer has everything of it already (it is ahead of us on this document).
-            return Ok(None);
-        }
         Ok(Some(RemoteDoc {
             id,
             kind: meta.kind,
@@ -600,7 +609,15 @@ mod tests {
             .fetch(item.id, &heads_we_have)
             .expect("fetch")
             .is_none());
-        assert!(peer.fetch(item.id, &ours).expect("fetch").is_some());
+        // Named heads it does not know (we are ahead): its own heads, no bytes.
+        let ahead = peer
+            .fetch(item.id, &ours)
+            .expect("fetch")
+            .expect("an answer");
+        assert!(ahead.data.is_empty());
+        assert_eq!(ahead.heads, heads_we_have);
+        let whole = peer.fetch(item.id, &[]).expect("fetch").expect("whole");
+        assert!(!whole.data.is_empty());
     }
 
     #[test]

@@ -142,15 +142,21 @@ fn deliver(nodes: &[Node], page: Page, rng: &mut StdRng, lossy: bool) {
                     whole = false;
                     continue;
                 }
-                let Some(doc) = src.fetch(id, &have).expect("fetch") else {
-                    continue;
-                };
-                let again = dst.apply_remote(vec![doc], tag(page.from)).expect("apply");
-                if !matches!(
-                    again[0].2,
-                    Applied::Merged | Applied::MergedWithConflict | Applied::Unchanged
-                ) {
-                    whole = false;
+                // By our heads first; a source that does not know them all answers with its
+                // heads alone, and if we lack some of those, the whole document (as the
+                // network loop does).
+                let mut ask = have;
+                while let Some(doc) = src.fetch(id, &ask).expect("fetch") {
+                    let again = dst.apply_remote(vec![doc], tag(page.from)).expect("apply");
+                    match &again[0].2 {
+                        Applied::Merged | Applied::MergedWithConflict | Applied::Unchanged => {}
+                        Applied::Incomplete { .. } if !ask.is_empty() => {
+                            ask = Vec::new();
+                            continue;
+                        }
+                        _ => whole = false,
+                    }
+                    break;
                 }
             }
             other => panic!("honest page refused: {other:?}"),

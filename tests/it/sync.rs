@@ -446,6 +446,18 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
         )
         .await;
     let fresh = fresh["id"].as_str().expect("id").to_string();
+    // The same field on both sides: neither holds all of the other's changes, so each side's
+    // fetch by heads gets only heads back, and then the whole document.
+    let both = &ids[20];
+    for (node, age) in [(&a, 1000), (&b, 2000)] {
+        let (s, _) = node
+            .patch(
+                &format!("/api/v1/items/{both}"),
+                json!({"fields": {"age": age}}),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
 
     let before = a.metric("trackersync_sync_bytes_sent").await;
     a.pair(&b).await;
@@ -454,6 +466,17 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
     }
     a.item_when(&ids[150], |i| i["fields"]["age"] == 99).await;
     a.item_when(&fresh, |_| true).await;
+    // The later write wins on both, and the earlier one is kept as a conflict.
+    for node in [&a, &b] {
+        eventually("the same-field edits merged", || async {
+            let (_, c) = node.get(&format!("/api/v1/items/{both}/conflicts")).await;
+            let c = c.as_array()?.first()?.clone();
+            (c["field"] == "age" && c["winner"]["value"] == 2000 && c["losers"][0]["value"] == 1000)
+                .then_some(())
+        })
+        .await;
+        node.item_when(both, |i| i["fields"]["age"] == 2000).await;
+    }
     let (_, st) = a.get("/api/v1/status").await;
     assert_eq!(st["items"].as_u64(), Some(201));
     let resync = a.metric("trackersync_sync_bytes_sent").await - before;
