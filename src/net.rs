@@ -133,7 +133,9 @@ pub struct PeerStatus {
     /// When the peer last pulled our feed to its end (RFC 3339), since this node started.
     pub last_sent: Option<String>,
     /// Our changes the peer has not pulled yet (documents changed after what we last served
-    /// it; every document, before it first pulls), counted up to [`WAITING_COUNT_MAX`].
+    /// it; every document, before it first pulls), counted up to [`WAITING_COUNT_MAX`]
+    /// among the next ten times as many changes (a lower bound past them, see
+    /// [`crate::store::Store::feed_count_since`]).
     pub waiting: u64,
     /// Items merged so far in the pull under way (progress of a long sync), 0 when idle.
     pub receiving: u64,
