@@ -180,7 +180,10 @@ pub struct RunningNode {
     pub base: String,
     pub token: String,
     pub http: reqwest::Client,
+    /// Spawn to the API answering `/status`.
     pub started_in: Duration,
+    /// Spawn to the API listening (its address file written).
+    pub listening_in: Duration,
 }
 
 impl RunningNode {
@@ -222,6 +225,7 @@ impl RunningNode {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        let listening_in = t0.elapsed();
         let token = std::fs::read_to_string(dir.join("api-token"))?
             .trim()
             .to_string();
@@ -244,6 +248,7 @@ impl RunningNode {
             token,
             http,
             started_in: t0.elapsed(),
+            listening_in,
         })
     }
 
@@ -689,15 +694,14 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
         Ok(b.get("/peers").await?[0]["connected"] == false)
     })
     .await?;
-    let b_seq = b.metric("trackersync_change_seq").await;
     let (k, _) = edit_round(&a, &page_ids, n, 1).await?;
+    // Done when B's checkpoint on A reaches A's last change: applied, durable and recorded
+    // (B's own sequence number moves before that, and the next scenario kills B).
+    let a_seq = a.metric("trackersync_change_seq").await;
     let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
     let t0 = Instant::now();
     a.post("/peers", &json!({"addr": b_addr})).await?;
-    until(limit, "online catch-up", || async {
-        Ok(b.metric("trackersync_change_seq").await >= b_seq + k)
-    })
-    .await?;
+    until(limit, "online catch-up", || checkpoint_reaches(&b, a_seq)).await?;
     let secs = t0.elapsed().as_secs_f64();
     emit(
         json!({"bench": "sync", "scenario": "catch_up_online", "n": n, "items": k, "seconds": secs,
@@ -716,15 +720,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     let t0 = Instant::now();
     b = RunningNode::start(&b_dir, &LISTEN).await?;
     let spawn_to_api = t0.elapsed();
-    until(limit, "catch-up", || async {
-        Ok(b.get("/peers")
-            .await?
-            .as_array()
-            .and_then(|p| p.first())
-            .and_then(|p| p["checkpoint"].as_f64())
-            .is_some_and(|c| c >= a_seq))
-    })
-    .await?;
+    until(limit, "catch-up", || checkpoint_reaches(&b, a_seq)).await?;
     let secs = t0.elapsed().as_secs_f64();
     let sent = a.metric("trackersync_sync_bytes_sent").await - a_sent0;
     // The same messages before compression (deflate protocol).
@@ -733,7 +729,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     let b_out = b.metric("trackersync_sync_bytes_sent").await;
     emit(
         json!({"bench": "sync", "scenario": "catch_up_restart", "n": n, "items": k, "seconds_from_spawn": secs,
-        "seconds_after_api_up": secs - spawn_to_api.as_secs_f64(), "bytes_a_to_b": sent, "payload_bytes_a_to_b": payload, "bytes_b_in": b_in, "bytes_b_out": b_out,
+        "seconds_after_api_up": secs - spawn_to_api.as_secs_f64(), "api_listening_s": b.listening_in.as_secs_f64(), "status_answered_s": b.started_in.as_secs_f64(), "bytes_a_to_b": sent, "payload_bytes_a_to_b": payload, "bytes_b_in": b_in, "bytes_b_out": b_out,
         "edit_json_bytes": edit_bytes, "peak_rss_mb_b": b.rss_mb().1}),
     );
 
@@ -852,6 +848,17 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
 
 /// The peer harnesses' 1% edit, round `round`: three fields of every edited record in one
 /// request each. Returns (records edited, JSON bytes sent).
+/// Whether `node`'s checkpoint on its (only) peer's feed has reached `seq`.
+async fn checkpoint_reaches(node: &RunningNode, seq: f64) -> Result<bool> {
+    Ok(node
+        .get("/peers")
+        .await?
+        .as_array()
+        .and_then(|p| p.first())
+        .and_then(|p| p["checkpoint"].as_f64())
+        .is_some_and(|c| c >= seq))
+}
+
 async fn edit_round(a: &RunningNode, ids: &[String], n: u64, round: u64) -> Result<(f64, usize)> {
     let edited = workload::catchup_indices(n, round);
     let mut edit_bytes = 0usize;
