@@ -1510,8 +1510,10 @@ mod tests {
         assert_eq!(store.feed_count_since(0, 100, 7, None).expect("count"), 8);
         assert_eq!(store.feed_count_since(0, 100, 9, None).expect("count"), 48);
         assert_eq!(store.feed_count_since(0, 5, 9, None).expect("count"), 5);
-        // Counting up to 2 looks at 20 changes: the 3 before peer 7's, a lower bound.
+        // Counting up to 2 stops at our first 2.
         assert_eq!(store.feed_count_since(0, 2, 7, None).expect("count"), 2);
+        // From after those 3, the 20 changes it looks at are all peer 7's: 0, a lower bound
+        // (our 5 lie past them).
         assert_eq!(store.feed_count_since(3, 2, 7, None).expect("count"), 0);
     }
 
