@@ -20,6 +20,9 @@ fn main() -> std::process::ExitCode {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(BLOCKING_THREADS)
+        // Kept, not ended after tokio's 10 s idle: a new thread starts a new allocator heap
+        // and an ended one leaves its partly used pages behind.
+        .thread_keep_alive(std::time::Duration::from_secs(24 * 3600))
         .build()
     {
         Ok(runtime) => runtime.block_on(run()),

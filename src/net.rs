@@ -403,6 +403,7 @@ impl Net {
             commands,
             work_tx,
             work_rx,
+            helper: Helper::start().context("cannot start the page-apply thread")?,
             changes,
             listen_addrs: Vec::new(),
             discovered: HashMap::new(),
@@ -640,6 +641,52 @@ enum Work {
     Push(PeerId, u64, Uuid, Vec<RemoteDoc>, u64, bool),
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One long-lived thread that applies half of each large received page while the blocking
+/// thread that received it applies the other half. A thread spawned per page (as before)
+/// started a fresh allocator heap each time and left its partly used pages behind when it
+/// ended (see `BLOCKING_THREADS` in `main.rs`). Pages from several peers queue here; a job
+/// waits for nothing but slot locks, which a caller never holds while it waits for its half,
+/// so the queue cannot deadlock.
+#[derive(Clone)]
+struct Helper(std::sync::mpsc::Sender<Job>);
+
+impl Helper {
+    fn start() -> std::io::Result<Helper> {
+        let (tx, jobs) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("page-apply".into())
+            .spawn(move || {
+                for job in jobs {
+                    // A job that panics drops its result sender: its caller sees the failure.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })?;
+        Ok(Helper(tx))
+    }
+
+    /// Run `there` on the helper thread while this thread runs `here`; `None` if `there`
+    /// panicked.
+    fn join<A: Send + 'static, B>(
+        &self,
+        there: impl FnOnce() -> A + Send + 'static,
+        here: impl FnOnce() -> B,
+    ) -> (Option<A>, B) {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
+            let _ = done.send(there());
+        });
+        // The thread only ends with the node; if it is gone, run the job here afterwards.
+        let left = self.0.send(job).err().map(|e| e.0);
+        let b = here();
+        if let Some(job) = left {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        }
+        (result.recv().ok(), b)
+    }
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     repo: Arc<Repo>,
@@ -652,6 +699,8 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     work_tx: mpsc::Sender<Work>,
     work_rx: mpsc::Receiver<Work>,
+    /// Applies the second half of large received pages.
+    helper: Helper,
     changes: watch::Receiver<u64>,
     listen_addrs: Vec<Multiaddr>,
     /// Addresses mDNS found for peers not (yet) authorized, so `peer add <PeerId>` can use them.
@@ -2466,6 +2515,7 @@ impl EventLoop {
         }
         let repo = self.repo.clone();
         let work = self.work_tx.clone();
+        let helper = self.helper.clone();
         let policy = self
             .peers
             .get(&peer)
@@ -2509,15 +2559,15 @@ impl EventLoop {
                     return Ok(out);
                 }
                 let half = items.split_off(items.len() / 2);
-                let (first, second) = std::thread::scope(|s| {
-                    let h = s.spawn(|| repo.apply_remote_allowed(half, from, ops));
-                    let first = repo.apply_remote_allowed(items, from, ops);
-                    (first, h.join())
-                });
+                let other = repo.clone();
+                let (second, first) = helper.join(
+                    move || other.apply_remote_allowed(half, from, ops),
+                    || repo.apply_remote_allowed(items, from, ops),
+                );
                 out.extend(first.map_err(|e| e.to_string())?);
                 out.extend(
                     second
-                        .map_err(|_| "applying a page panicked".to_string())?
+                        .ok_or_else(|| "applying a page panicked".to_string())?
                         .map_err(|e| e.to_string())?,
                 );
                 Ok(out)
@@ -2826,5 +2876,26 @@ impl EventLoop {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Helper;
+
+    #[test]
+    fn the_page_helper_runs_half_elsewhere_and_outlives_a_panicking_half() {
+        let helper = Helper::start().expect("helper thread");
+        let caller = std::thread::current().id();
+        let (there, here) = helper.join(
+            || std::thread::current().id(),
+            || std::thread::current().id(),
+        );
+        assert_eq!(here, caller);
+        assert!(there.is_some_and(|t| t != caller), "{there:?}");
+        let (failed, ()) = helper.join(|| -> u8 { panic!("a half panicked") }, || ());
+        assert!(failed.is_none());
+        let (again, ()) = helper.join(|| 7, || ());
+        assert_eq!(again, Some(7));
     }
 }
