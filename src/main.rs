@@ -8,11 +8,11 @@ use trackersync::cli::{Cli, Command};
 /// Threads in tokio's blocking pool, where Automerge and sled run (tokio's default is 512).
 /// Each thread that allocates keeps its own mimalloc heap: partly used pages of every size it
 /// allocated. Documents keep growing (every edit adds history), so those pages never fill
-/// again and the RSS creeps up while the live heap is flat. Two nodes under six clients'
-/// edits of 500 items (460 edits/s, 32 MiB cache), RSS after 5 minutes: about 11 blocking
-/// threads (the default's working set) 144 / 134 MiB, 8 threads 101 / 104, 4 threads 89 / 91,
-/// at the same edits per second; API writes per second at 1 and 8 clients were the same with
-/// 4, 8 and 512 (`trackersync-bench local`).
+/// again and the RSS creeps up while the live heap stays nearly flat. Two nodes under six
+/// clients' edits of 500 items (460 edits/s, 32 MiB cache), RSS after 5 minutes: about 11
+/// blocking threads (the default's working set) 144 / 134 MiB, 8 threads 101 / 104, 4 threads
+/// 89 / 91, at the same edits per second; API writes per second at 1 and 8 clients were the
+/// same with 4, 8 and 512 (`trackersync-bench local`).
 const BLOCKING_THREADS: usize = 4;
 
 fn main() -> std::process::ExitCode {
