@@ -846,8 +846,6 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     Ok(())
 }
 
-/// The peer harnesses' 1% edit, round `round`: three fields of every edited record in one
-/// request each. Returns (records edited, JSON bytes sent).
 /// Whether `node`'s checkpoint on its (only) peer's feed has reached `seq`.
 async fn checkpoint_reaches(node: &RunningNode, seq: f64) -> Result<bool> {
     Ok(node
@@ -859,6 +857,8 @@ async fn checkpoint_reaches(node: &RunningNode, seq: f64) -> Result<bool> {
         .is_some_and(|c| c >= seq))
 }
 
+/// The peer harnesses' 1% edit, round `round`: three fields of every edited record in one
+/// request each. Returns (records edited, JSON bytes sent).
 async fn edit_round(a: &RunningNode, ids: &[String], n: u64, round: u64) -> Result<(f64, usize)> {
     let edited = workload::catchup_indices(n, round);
     let mut edit_bytes = 0usize;

@@ -537,10 +537,10 @@ impl PeerState {
     }
 }
 
-/// A pull in progress: the page being applied, waiting for a fetch of incomplete documents.
 /// A page that applied at least this many documents has its checkpoint flushed at once.
 const CHECKPOINT_FLUSH_ITEMS: usize = 64;
 
+/// A pull in progress: the page being applied, waiting for a fetch of incomplete documents.
 struct PullPage {
     incarnation: Uuid,
     last_seq: u64,
@@ -2808,10 +2808,7 @@ impl EventLoop {
             let saved = repo
                 .store()
                 .set_checkpoint(&key, incarnation, checkpoint)
-                .and_then(|()| match flush {
-                    true => repo.store().flush(),
-                    false => Ok(()),
-                });
+                .and_then(|()| if flush { repo.store().flush() } else { Ok(()) });
             if let Err(e) = saved {
                 tracing::error!(error = %e, "cannot save checkpoint");
             }
