@@ -90,6 +90,18 @@ pub struct ItemEvent {
     pub source: Source,
 }
 
+/// A local write applied but not yet durable, left by [`Repo::deferring`] for
+/// [`Repo::complete`].
+pub struct Deferred {
+    ticket: Ticket,
+    event: Option<ItemEvent>,
+}
+
+thread_local! {
+    /// Writes left to [`Repo::complete`], while [`Repo::deferring`] runs on this thread.
+    static DEFERRED: std::cell::RefCell<Option<Vec<Deferred>>> = const { std::cell::RefCell::new(None) };
+}
+
 struct Loaded {
     /// Boxed: `AutoCommit` is about 4 KiB inline, and the cache keeps an `Option<Loaded>` for
     /// every entry, loaded or not.
@@ -236,9 +248,74 @@ impl Repo {
     /// go out now, while the flush runs), wait for durability, and tell it again (for what
     /// the pushes could not carry yet, see [`crate::store::Store::feed_recent`]).
     fn settle(&self, ticket: Ticket) -> Result<()> {
+        self.settle_or_defer(ticket, None)
+    }
+
+    /// [`Repo::settle`], then the item event. Inside [`Repo::deferring`], a write whose flush
+    /// is already under way for others is left to [`Repo::complete`] instead of holding this
+    /// thread until that flush ends.
+    fn settle_or_defer(&self, ticket: Ticket, event: Option<ItemEvent>) -> Result<()> {
         self.signal_change();
-        self.store.wait_durable(ticket)?;
+        let durable = if DEFERRED.with_borrow(Option::is_some) {
+            self.store.try_settle(ticket)?
+        } else {
+            self.store.wait_durable(ticket)?;
+            true
+        };
+        if !durable {
+            DEFERRED.with_borrow_mut(|d| {
+                if let Some(d) = d {
+                    d.push(Deferred { ticket, event })
+                }
+            });
+            return Ok(());
+        }
         self.signal_change();
+        if let Some(event) = event {
+            // No subscribers is fine: events are for whoever listens.
+            let _ = self.events.send(event);
+        }
+        Ok(())
+    }
+
+    /// Run the writes in `f` without waiting on this thread for flushes that others lead: what
+    /// is left to wait for comes back as [`Deferred`], for [`Repo::complete`]. A blocking
+    /// thread held through a flush it does not lead is a thread no other write can use (and
+    /// a write that cannot start misses that flush's group).
+    pub fn deferring<T>(&self, f: impl FnOnce() -> Result<T>) -> (Result<T>, Vec<Deferred>) {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                DEFERRED.set(None);
+            }
+        }
+        DEFERRED.set(Some(Vec::new()));
+        let reset = Reset;
+        let result = f();
+        let deferred = DEFERRED.take().unwrap_or_default();
+        drop(reset);
+        (result, deferred)
+    }
+
+    /// Finish writes left by [`Repo::deferring`]: wait (without a thread) for the flush that
+    /// covers each, leading one on the blocking pool when none is under way; then the same
+    /// signals and events as a write that waited. The write is acknowledged only after this.
+    pub async fn complete(self: &Arc<Self>, deferred: Vec<Deferred>) -> Result<()> {
+        for d in deferred {
+            while !self.store.flush_done(d.ticket).await? {
+                let repo = self.clone();
+                let led = tokio::task::spawn_blocking(move || repo.store.try_settle(d.ticket))
+                    .await
+                    .map_err(|e| StoreError::FlushFailed(format!("the flush task ended: {e}")))??;
+                if led {
+                    break;
+                }
+            }
+            self.signal_change();
+            if let Some(event) = d.event {
+                let _ = self.events.send(event);
+            }
+        }
         Ok(())
     }
 
@@ -566,14 +643,12 @@ impl Repo {
     }
 
     fn finish(&self, ticket: Ticket, view: &ItemView) -> Result<()> {
-        self.settle(ticket)?;
-        // No subscribers is fine: events are for whoever listens.
-        let _ = self.events.send(ItemEvent {
+        let event = ItemEvent {
             item: view.id,
             tracker: view.tracker,
             source: Source::Local,
-        });
-        Ok(())
+        };
+        self.settle_or_defer(ticket, Some(event))
     }
 
     /// Read-only access to a loaded item.
@@ -867,4 +942,89 @@ fn heads_of(doc: &mut AutoCommit) -> Vec<[u8; 32]> {
 
 fn hashes(heads: &[[u8; 32]]) -> Vec<automerge::ChangeHash> {
     heads.iter().map(|h| automerge::ChangeHash(*h)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::hlc::{ManualClock, DEFAULT_MAX_DRIFT_MS};
+    use crate::model::FieldType;
+
+    /// Concurrent API-style writes (applied on blocking threads, waited for as tasks): each is
+    /// durable when acknowledged and announced exactly once, whichever thread flushed it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_writes_are_durable_and_announced_once_when_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let repo = Arc::new(
+            Repo::open(dir.path(), NodeId::random(), clock, DEFAULT_MAX_DRIFT_MS).expect("open"),
+        );
+        let field = FieldDef {
+            name: "a".into(),
+            ty: FieldType::Text,
+            label: "a".into(),
+            required: false,
+            options: vec![],
+        };
+        repo.create_tracker("t", vec![field], ConflictPolicy::Newer)
+            .expect("tracker");
+        let mut events = repo.subscribe();
+        let (writers, each) = (8, 25);
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let repo = repo.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..each {
+                    let r = repo.clone();
+                    let fields = json!({"a": format!("{w}-{i}")});
+                    let (view, deferred) = tokio::task::spawn_blocking(move || {
+                        r.deferring(|| {
+                            let view =
+                                r.create_item("t", fields.as_object().cloned().expect("map"))?;
+                            r.update_item(
+                                &view.id.to_string(),
+                                json!({"a": "edited"}).as_object().cloned().expect("map"),
+                            )
+                        })
+                    })
+                    .await
+                    .expect("task");
+                    let view = view.expect("write");
+                    repo.complete(deferred).await.expect("durable");
+                    let seq = repo
+                        .store()
+                        .doc_meta(view.id)
+                        .expect("meta")
+                        .expect("stored")
+                        .seq;
+                    assert!(
+                        seq <= repo.store().durable_seq(),
+                        "acknowledged write {seq} is durable (durable up to {})",
+                        repo.store().durable_seq()
+                    );
+                    ids.push(view.id);
+                }
+                ids
+            }));
+        }
+        let mut written = std::collections::HashMap::new();
+        for t in tasks {
+            for id in t.await.expect("writer") {
+                written.insert(id, 0);
+            }
+        }
+        assert_eq!(written.len(), writers * each);
+        while let Ok(e) = events.try_recv() {
+            *written
+                .get_mut(&e.item)
+                .expect("an event for a written item") += 1;
+        }
+        assert!(
+            written.values().all(|&n| n == 2),
+            "one event per write (create and edit) for every item"
+        );
+    }
 }

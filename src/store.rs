@@ -24,7 +24,8 @@
 //! Durability: [`Store::commit`] applies a batch and returns a ticket; [`Store::wait_durable`]
 //! returns once a flush that started after the batch was applied has finished. Concurrent
 //! waiters share flushes (leader/follower group commit): one fsync covers every batch applied
-//! before it began. All calls block; async callers use `spawn_blocking`.
+//! before it began. All calls block (async callers use `spawn_blocking`), except
+//! [`Store::flush_done`], which lets a follower wait for a flush under way as a task.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -429,6 +430,9 @@ pub struct Store {
     applied: AtomicU64,
     flush: Mutex<FlushState>,
     flushed_cv: Condvar,
+    /// The flushed ticket, sent after every flush (and failed flush) for waiters without a
+    /// thread ([`Store::flush_done`]).
+    flushed_tx: tokio::sync::watch::Sender<u64>,
     /// Signalled when a batch is applied (wakes a flush leader waiting for its group).
     applied_cv: Condvar,
     /// Writes between [`Store::begin_write`] and the end of their durability wait.
@@ -555,6 +559,7 @@ impl Store {
                 last_error: None,
             }),
             flushed_cv: Condvar::new(),
+            flushed_tx: tokio::sync::watch::Sender::new(0),
             applied_cv: Condvar::new(),
             writers: AtomicUsize::new(0),
             display_next: AtomicU64::new(display_next),
@@ -592,6 +597,11 @@ impl Store {
     /// Last assigned change sequence number (0 if none).
     pub fn last_seq(&self) -> u64 {
         self.commit.lock().expect("commit lock").next_seq - 1
+    }
+
+    /// Every change sequence number up to this one is durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.flush.lock().expect("flush lock").durable_seq
     }
 
     /// Whether a flush failed (disk full, I/O error): the store refuses writes until it is
@@ -811,10 +821,48 @@ impl Store {
     /// Block until the batch behind `ticket` is durable (group commit: concurrent waiters share
     /// one flush).
     pub fn wait_durable(&self, ticket: Ticket) -> Result<()> {
+        self.settle(ticket, true).map(|_| ())
+    }
+
+    /// Make the batch behind `ticket` durable if no flush is under way (leading one, as
+    /// [`Store::wait_durable`] does); if one is, return `false` at once instead of waiting for
+    /// it: the caller waits without a thread ([`Store::flush_done`]) and comes back.
+    pub fn try_settle(&self, ticket: Ticket) -> Result<bool> {
+        self.settle(ticket, false)
+    }
+
+    /// Wait, without holding a thread, until the batch behind `ticket` is durable (`true`) or
+    /// no flush is under way that could make it so (`false`: lead one with
+    /// [`Store::try_settle`] on a blocking thread).
+    pub async fn flush_done(&self, ticket: Ticket) -> Result<bool> {
+        let mut done = self.flushed_tx.subscribe();
+        loop {
+            // Mark the current value seen before reading the state: a flush that ends after
+            // this read sends a new value, so `changed` below cannot miss it.
+            done.borrow_and_update();
+            {
+                let st = self.flush.lock().expect("flush lock");
+                if st.flushed >= ticket.0 {
+                    return Ok(true);
+                }
+                if !st.in_progress {
+                    return match &st.last_error {
+                        Some(e) => Err(StoreError::FlushFailed(e.clone())),
+                        None => Ok(false),
+                    };
+                }
+            }
+            if done.changed().await.is_err() {
+                return Err(StoreError::FlushFailed("the store was closed".into()));
+            }
+        }
+    }
+
+    fn settle(&self, ticket: Ticket, wait: bool) -> Result<bool> {
         let mut st = self.flush.lock().expect("flush lock");
         loop {
             if st.flushed >= ticket.0 {
-                return Ok(());
+                return Ok(true);
             }
             if !st.in_progress {
                 st.in_progress = true;
@@ -847,20 +895,26 @@ impl Store {
                 st = self.flush.lock().expect("flush lock");
                 st.in_progress = false;
                 self.flushed_cv.notify_all();
-                match result {
+                let outcome = match result {
                     Ok(_) => {
                         st.flushed = st.flushed.max(target);
                         st.durable_seq = st.durable_seq.max(seq);
                         st.last_error = None;
+                        Ok(())
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "store flush failed");
                         self.io_failed.store(true, Ordering::SeqCst);
                         st.last_error = Some(e.to_string());
-                        return Err(StoreError::FlushFailed(e.to_string()));
+                        Err(StoreError::FlushFailed(e.to_string()))
                     }
-                }
+                };
+                self.flushed_tx.send_replace(st.flushed);
+                outcome?;
                 continue;
+            }
+            if !wait {
+                return Ok(false);
             }
             st = self.flushed_cv.wait(st).expect("flush lock");
             if let Some(e) = &st.last_error {
@@ -882,8 +936,39 @@ impl Store {
     /// Register a write that will commit and wait for durability; the group-commit leader
     /// waits (briefly) for registered writers to apply before flushing.
     pub fn begin_write(&self) -> WriteGuard<'_> {
+        if ANNOUNCED.get() {
+            // Registered already, before it reached this thread (see `announce_write`).
+            return WriteGuard(None);
+        }
         self.writers.fetch_add(1, Ordering::SeqCst);
-        WriteGuard(self)
+        WriteGuard(Some(self))
+    }
+
+    /// Register a write before it reaches the thread that makes it (an API request on its way
+    /// to the blocking pool), so a flush leader waits for it too and one fsync covers more
+    /// writes. Pair with [`Store::end_announced_write`]; run the write inside
+    /// [`Store::as_announced`] so it does not register twice.
+    pub fn announce_write(&self) {
+        self.writers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// End a registration made by [`Store::announce_write`].
+    pub fn end_announced_write(&self) {
+        self.writers.fetch_sub(1, Ordering::SeqCst);
+        self.wake_flush_leader();
+    }
+
+    /// Run `f` as an announced write: its [`Store::begin_write`] calls register nothing.
+    pub fn as_announced<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                ANNOUNCED.set(false);
+            }
+        }
+        ANNOUNCED.set(true);
+        let _reset = Reset;
+        f()
     }
 
     /// Flush everything, with the state record current.
@@ -1442,15 +1527,23 @@ impl Store {
     }
 }
 
-/// Ends a write's registration with the group commit (see [`Store::begin_write`]).
-pub struct WriteGuard<'a>(&'a Store);
+thread_local! {
+    /// Set while an announced write runs (see [`Store::announce_write`]).
+    static ANNOUNCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Ends a write's registration with the group commit (see [`Store::begin_write`]); empty for a
+/// write announced earlier.
+pub struct WriteGuard<'a>(Option<&'a Store>);
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        self.0.writers.fetch_sub(1, Ordering::SeqCst);
-        // A write that ends without committing (nothing changed, refused, failed) must not
-        // keep a flush leader waiting for it.
-        self.0.wake_flush_leader();
+        if let Some(store) = self.0 {
+            store.writers.fetch_sub(1, Ordering::SeqCst);
+            // A write that ends without committing (nothing changed, refused, failed) must not
+            // keep a flush leader waiting for it.
+            store.wake_flush_leader();
+        }
     }
 }
 
@@ -1640,6 +1733,67 @@ mod tests {
             .items_of_tracker(t, Some(page[1]), 2, None)
             .expect("list");
         assert_eq!((rest.len(), more), (1, false));
+    }
+
+    #[tokio::test]
+    async fn a_write_waits_for_a_flush_under_way_without_a_thread_and_leads_one_otherwise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
+        let t = Uuid::now_v7();
+        let commit = |n: u8| {
+            store
+                .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![n]), false))
+                .expect("commit")
+                .0
+        };
+        let ticket = commit(1);
+        // No flush under way: nobody else will make it durable.
+        assert!(!store.flush_done(ticket).await.expect("state"));
+        // Another writer leads a flush: trying does not wait for it on this thread...
+        store.flush.lock().expect("flush lock").in_progress = true;
+        assert!(!store.try_settle(ticket).expect("try"));
+        // ...the wait is a task, woken when that flush ends.
+        let waiter = tokio::spawn({
+            let s = store.clone();
+            async move { s.flush_done(ticket).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "waits for the flush under way");
+        {
+            // That flush ends, covering the write (what the leader does after its sync).
+            let mut st = store.flush.lock().expect("flush lock");
+            st.in_progress = false;
+            st.flushed = ticket.0;
+            store.flushed_tx.send_replace(st.flushed);
+        }
+        assert!(waiter.await.expect("task").expect("state"), "durable");
+
+        // A flush under way that fails: the waiter gets the error.
+        let ticket = commit(2);
+        store.flush.lock().expect("flush lock").in_progress = true;
+        let waiter = tokio::spawn({
+            let s = store.clone();
+            async move { s.flush_done(ticket).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        {
+            let mut st = store.flush.lock().expect("flush lock");
+            st.in_progress = false;
+            st.last_error = Some("disk full".into());
+            store.flushed_tx.send_replace(st.flushed);
+        }
+        assert!(matches!(
+            waiter.await.expect("task"),
+            Err(StoreError::FlushFailed(e)) if e == "disk full"
+        ));
+
+        // No flush under way: trying leads one, and the write is durable when it returns.
+        store.flush.lock().expect("flush lock").last_error = None;
+        let flushes = store.flush_count();
+        assert!(store.try_settle(ticket).expect("try"));
+        assert_eq!(store.flush_count(), flushes + 1);
+        assert!(store.flush_done(ticket).await.expect("state"));
     }
 
     #[test]

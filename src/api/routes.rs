@@ -103,7 +103,9 @@ pub async fn create_item(
     Path(t): Path<String>,
     JsonBody(body): JsonBody<ItemFields>,
 ) -> ApiResult<impl IntoResponse> {
-    let item = s.blocking(move |r| r.create_item(&t, body.fields)).await?;
+    let item = s
+        .blocking_write(move |r| r.create_item(&t, body.fields))
+        .await?;
     Ok((StatusCode::CREATED, Json(ItemOut::from(item))))
 }
 
@@ -152,7 +154,8 @@ pub async fn update_item(
     JsonBody(body): JsonBody<ItemFields>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(ItemOut::from(
-        s.blocking(move |r| r.update_item(&id, body.fields)).await?,
+        s.blocking_write(move |r| r.update_item(&id, body.fields))
+            .await?,
     )))
 }
 
@@ -161,7 +164,7 @@ pub async fn delete_item(
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(ItemOut::from(
-        s.blocking(move |r| r.delete_item(&id)).await?,
+        s.blocking_write(move |r| r.delete_item(&id)).await?,
     )))
 }
 
@@ -170,7 +173,7 @@ pub async fn restore_item(
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(ItemOut::from(
-        s.blocking(move |r| r.restore_item(&id)).await?,
+        s.blocking_write(move |r| r.restore_item(&id)).await?,
     )))
 }
 
