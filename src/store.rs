@@ -1086,11 +1086,7 @@ impl Store {
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
         // A store whose flush failed cannot make anything durable: it serves what already is.
         let failed = self.failed();
-        let until = if failed {
-            self.flush.lock().expect("flush lock").durable_seq
-        } else {
-            u64::MAX
-        };
+        let until = if failed { self.durable_seq() } else { u64::MAX };
         if until <= since {
             return Ok((Vec::new(), since, false));
         }
@@ -1187,7 +1183,7 @@ impl Store {
         skip_source: u64,
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Option<(Vec<FeedEntry>, u64, bool)> {
-        let durable = self.flush.lock().expect("flush lock").durable_seq;
+        let durable = self.durable_seq();
         let limit = if self.failed() {
             durable
         } else {
@@ -1911,7 +1907,7 @@ mod tests {
 
     /// The highest sequence number a push could carry right now (see `Store::feed_recent`).
     fn push_reach(store: &Store) -> u64 {
-        store.flush.lock().expect("flush lock").durable_seq + SEQ_AHEAD
+        store.durable_seq() + SEQ_AHEAD
     }
 
     #[test]
