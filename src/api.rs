@@ -69,29 +69,16 @@ impl AppState {
         Ok(tokio::task::spawn_blocking(move || f(&repo)).await??)
     }
 
-    /// [`AppState::blocking`] for a request that writes. The write is registered with the
-    /// store's group commit before it is handed to the blocking pool, so a flush gathering
-    /// writes waits for it; and a write whose flush another thread leads waits for it here,
-    /// as a task, not on the blocking thread (see [`Repo::deferring`]). Answered once durable
-    /// either way.
+    /// [`AppState::blocking`] for a request that writes: a write whose flush another thread
+    /// leads waits for it here, as a task, not on the blocking thread (see
+    /// [`Repo::deferring`]). Answered once durable either way.
     pub async fn blocking_write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Repo) -> Result<T, crate::repo::RepoError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        /// Ends the registration however the task ends (run, failed, or dropped unrun).
-        struct Announced(Arc<Repo>);
-        impl Drop for Announced {
-            fn drop(&mut self) {
-                self.0.store().end_announced_write();
-            }
-        }
-        self.repo.store().announce_write();
-        let announced = Announced(self.repo.clone());
-        let (result, deferred) = tokio::task::spawn_blocking(move || {
-            let repo = &announced.0;
-            repo.deferring(|| repo.store().as_announced(|| f(repo)))
-        })
-        .await?;
+        let repo = self.repo.clone();
+        let (result, deferred) =
+            tokio::task::spawn_blocking(move || repo.deferring(|| f(&repo))).await?;
         if !deferred.is_empty() {
             // Its own task: a client that hangs up must not leave the write unflushed.
             let repo = self.repo.clone();

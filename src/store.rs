@@ -936,39 +936,8 @@ impl Store {
     /// Register a write that will commit and wait for durability; the group-commit leader
     /// waits (briefly) for registered writers to apply before flushing.
     pub fn begin_write(&self) -> WriteGuard<'_> {
-        if ANNOUNCED.get() {
-            // Registered already, before it reached this thread (see `announce_write`).
-            return WriteGuard(None);
-        }
         self.writers.fetch_add(1, Ordering::SeqCst);
-        WriteGuard(Some(self))
-    }
-
-    /// Register a write before it reaches the thread that makes it (an API request on its way
-    /// to the blocking pool), so a flush leader waits for it too and one fsync covers more
-    /// writes. Pair with [`Store::end_announced_write`]; run the write inside
-    /// [`Store::as_announced`] so it does not register twice.
-    pub fn announce_write(&self) {
-        self.writers.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// End a registration made by [`Store::announce_write`].
-    pub fn end_announced_write(&self) {
-        self.writers.fetch_sub(1, Ordering::SeqCst);
-        self.wake_flush_leader();
-    }
-
-    /// Run `f` as an announced write: its [`Store::begin_write`] calls register nothing.
-    pub fn as_announced<T>(&self, f: impl FnOnce() -> T) -> T {
-        struct Reset;
-        impl Drop for Reset {
-            fn drop(&mut self) {
-                ANNOUNCED.set(false);
-            }
-        }
-        ANNOUNCED.set(true);
-        let _reset = Reset;
-        f()
+        WriteGuard(self)
     }
 
     /// Flush everything, with the state record current.
@@ -1523,23 +1492,15 @@ impl Store {
     }
 }
 
-thread_local! {
-    /// Set while an announced write runs (see [`Store::announce_write`]).
-    static ANNOUNCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Ends a write's registration with the group commit (see [`Store::begin_write`]); empty for a
-/// write announced earlier.
-pub struct WriteGuard<'a>(Option<&'a Store>);
+/// Ends a write's registration with the group commit (see [`Store::begin_write`]).
+pub struct WriteGuard<'a>(&'a Store);
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        if let Some(store) = self.0 {
-            store.writers.fetch_sub(1, Ordering::SeqCst);
-            // A write that ends without committing (nothing changed, refused, failed) must not
-            // keep a flush leader waiting for it.
-            store.wake_flush_leader();
-        }
+        self.0.writers.fetch_sub(1, Ordering::SeqCst);
+        // A write that ends without committing (nothing changed, refused, failed) must not
+        // keep a flush leader waiting for it.
+        self.0.wake_flush_leader();
     }
 }
 
