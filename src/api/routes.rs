@@ -64,7 +64,7 @@ pub async fn create_tracker(
     let fields: Vec<FieldDef> = body.fields.into_iter().map(Into::into).collect();
     let policy = body.conflict_policy.unwrap_or_default();
     let t = s
-        .blocking(move |r| r.create_tracker(&body.name, fields, policy))
+        .blocking_write(move |r| r.create_tracker(&body.name, fields, policy))
         .await?;
     Ok((StatusCode::CREATED, Json(t)))
 }
@@ -86,7 +86,9 @@ pub async fn update_tracker(
     JsonBody(body): JsonBody<UpdateTracker>,
 ) -> ApiResult<impl IntoResponse> {
     let policy: ConflictPolicy = body.conflict_policy;
-    Ok(Json(s.blocking(move |r| r.set_policy(&t, policy)).await?))
+    Ok(Json(
+        s.blocking_write(move |r| r.set_policy(&t, policy)).await?,
+    ))
 }
 
 pub async fn add_field(
@@ -95,7 +97,9 @@ pub async fn add_field(
     JsonBody(body): JsonBody<FieldIn>,
 ) -> ApiResult<impl IntoResponse> {
     let field: FieldDef = body.into();
-    Ok(Json(s.blocking(move |r| r.add_field(&t, field)).await?))
+    Ok(Json(
+        s.blocking_write(move |r| r.add_field(&t, field)).await?,
+    ))
 }
 
 pub async fn create_item(
@@ -205,7 +209,7 @@ pub async fn restore_conflict(
     JsonBody(body): JsonBody<RestoreConflict>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(ItemOut::from(
-        s.blocking(move |r| r.restore_conflict(&id, &body.field, &body.hlc))
+        s.blocking_write(move |r| r.restore_conflict(&id, &body.field, &body.hlc))
             .await?,
     )))
 }
