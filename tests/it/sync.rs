@@ -480,8 +480,10 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
     let (_, st) = a.get("/api/v1/status").await;
     assert_eq!(st["items"].as_u64(), Some(201));
     let resync = a.metric("trackersync_sync_bytes_sent").await - before;
+    // The full transfer is smallest (about 18 KB) when all 200 items went in one deflated
+    // page; re-pairing takes about 4 KB whatever the batching was (summaries, five documents).
     assert!(
-        resync * 5.0 < full_transfer,
+        resync * 3.0 < full_transfer,
         "re-pairing sent {resync} bytes; the full transfer was {full_transfer}"
     );
 }
