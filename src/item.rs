@@ -166,46 +166,64 @@ impl<'a> ItemDoc<'a> {
         id: Uuid,
         policy: ConflictPolicy,
     ) -> Result<(ItemView, Option<Hlc>), ItemError> {
-        let origin = self.origin()?;
-        let tracker = self.tracker()?;
-        let display_id = self.str_key(KEY_DISPLAY).unwrap_or_default();
+        self.view_by(id, |_| policy)
+    }
+
+    /// [`ItemDoc::view_with_max`] with the policy looked up from the item's tracker (a
+    /// document from a peer names its own). One pass over the root map, metadata included:
+    /// a lookup by key costs Automerge a seek of its own.
+    pub fn view_by(
+        &self,
+        id: Uuid,
+        policy_of: impl FnOnce(Uuid) -> ConflictPolicy,
+    ) -> Result<(ItemView, Option<Hlc>), ItemError> {
+        let mut origin = None;
+        let mut tracker = None;
+        let mut display_id = String::new();
         let mut max: Option<Hlc> = None;
         let mut created = None;
-        let mut deleted_cell = None;
-        let mut fields = BTreeMap::new();
-        let mut field_winners = Vec::new();
-        // One pass over the root map; only keys holding concurrent values need `get_all`.
+        let mut deleted_cells = Vec::new();
+        let mut field_cells = Vec::new();
+        // Only keys holding concurrent values need `get_all`.
         for item in self.doc.map_range(ROOT, ..) {
             let key = item.key.as_ref();
+            let text = || match &item.value {
+                automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(s)) => Some(s.as_ref()),
+                _ => None,
+            };
+            match key {
+                KEY_TRACKER => tracker = text().and_then(|s| s.parse().ok()),
+                KEY_ORIGIN => origin = text().and_then(|s| s.parse().ok()),
+                KEY_DISPLAY => display_id = text().unwrap_or_default().to_string(),
+                _ => {}
+            }
             let field = key.strip_prefix(FIELD_PREFIX);
             if field.is_none() && key != KEY_CREATED && key != KEY_DELETED {
                 continue;
             }
-            let mut all = if item.conflict {
-                register::cells(&*self.doc, key)
-            } else {
-                match &item.value {
-                    automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(b)) => {
-                        register::decode(b).into_iter().collect()
-                    }
-                    _ => Vec::new(),
-                }
-            };
+            let all = register::entry_cells(&*self.doc, &item);
             max = all.iter().map(|c| c.hlc).chain(max).max();
-            register::rank(&mut all, policy, origin);
-            let winner = all.into_iter().next();
             match field {
-                Some(name) => field_winners.push((name.to_string(), winner)),
-                None if key == KEY_CREATED => created = winner,
-                None => deleted_cell = winner,
+                Some(name) => field_cells.push((name.to_string(), all)),
+                None if key == KEY_CREATED => created = Some(all),
+                None => deleted_cells = all,
             }
         }
+        let origin: NodeId = origin.ok_or(ItemError::NotAnItem("no origin node"))?;
+        let tracker: Uuid = tracker.ok_or(ItemError::NotAnItem("no tracker id"))?;
+        let policy = policy_of(tracker);
+        let winner = |mut all: Vec<Cell>| {
+            register::rank(&mut all, policy, origin);
+            all.into_iter().next()
+        };
         let created = created
+            .and_then(winner)
             .map(|c| c.hlc)
             .ok_or(ItemError::NotAnItem("no creation stamp"))?;
+        let mut fields = BTreeMap::new();
         let mut latest_edit = created;
-        for (name, cell) in field_winners {
-            if let Some(cell) = cell {
+        for (name, cells) in field_cells {
+            if let Some(cell) = winner(cells) {
                 latest_edit = latest_edit.max(cell.hlc);
                 if let Some(v) = cell.value {
                     fields.insert(name, v);
@@ -214,7 +232,7 @@ impl<'a> ItemDoc<'a> {
         }
         let mut updated = latest_edit;
         let mut deleted = false;
-        if let Some(cell) = deleted_cell {
+        if let Some(cell) = winner(deleted_cells) {
             updated = updated.max(cell.hlc);
             // A delete holds until a later write: an edit or a restore stamped after it undeletes.
             deleted = cell.value == Some(Json::Bool(true)) && cell.hlc > latest_edit;

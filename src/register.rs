@@ -115,10 +115,26 @@ pub fn winner<D: ReadDoc>(
     all.into_iter().next()
 }
 
+/// The cells of one entry of a pass over the root map (`map_range`): decoded from the value
+/// the pass gives, or, when the key holds concurrent values, from all of them (`get_all`, which
+/// costs Automerge a seek of its own, so only then).
+pub fn entry_cells<D: ReadDoc>(doc: &D, entry: &automerge::iter::MapRangeItem<'_>) -> Vec<Cell> {
+    if entry.conflict {
+        return cells(doc, &entry.key);
+    }
+    match &entry.value {
+        automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(b)) => {
+            decode(b).into_iter().collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Highest stamp among all cells of all root keys: a new local write must be stamped above it.
+/// One pass over the root map.
 pub fn max_hlc<D: ReadDoc>(doc: &D) -> Option<Hlc> {
-    doc.keys(ROOT)
-        .flat_map(|k| cells(doc, &k).into_iter().map(|c| c.hlc))
+    doc.map_range(ROOT, ..)
+        .flat_map(|e| entry_cells(doc, &e).into_iter().map(|c| c.hlc))
         .max()
 }
 

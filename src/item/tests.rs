@@ -108,8 +108,12 @@ fn run(k: usize, ops: Vec<Op>, policy: ConflictPolicy) -> Result<(), TestCaseErr
         .collect();
 
     let stamp = |r: &mut Replica| {
-        let floor = register::max_hlc(&r.doc);
-        // The one-pass maximum the receive path uses agrees with the scan of every key.
+        // The one-pass maxima (the receive path's and a loaded document's) agree with a
+        // lookup of every value of every key.
+        let floor = automerge::ReadDoc::keys(&r.doc, automerge::ROOT)
+            .flat_map(|k| register::cells(&r.doc, &k).into_iter().map(|c| c.hlc))
+            .max();
+        assert_eq!(register::max_hlc(&r.doc), floor);
         let (_, one_pass) = ItemDoc::new(&mut r.doc)
             .view_with_max(Uuid::nil(), ConflictPolicy::Newer)
             .expect("view");

@@ -216,8 +216,10 @@ impl Repo {
             let mut uncache = Vec::new();
             for (n, doc) in batch.into_iter().enumerate() {
                 let (id, seq, kind) = (doc.id, doc.seq, doc.kind);
-                let new_doc = guards[n].is_none() && self.store.doc_meta(id)?.is_none();
-                let (applied, write) = self.apply_one(doc, from, ops, &mut guards[n])?;
+                // Read once: the slot is locked, so it cannot change under us.
+                let stored = self.store.doc_meta(id)?;
+                let new_doc = guards[n].is_none() && stored.is_none();
+                let (applied, write) = self.apply_one(doc, stored, from, ops, &mut guards[n])?;
                 if let Some((write, tracker)) = write {
                     writes.push(write);
                     written.push(n);
@@ -279,17 +281,18 @@ impl Repo {
         Ok(out)
     }
 
-    /// Validate and merge one document into its (locked) slot. Returns the store write to
-    /// commit, with the item's tracker, when it merged.
+    /// Validate and merge one document into its (locked) slot, given its metadata in the
+    /// store. Returns the store write to commit, with the item's tracker, when it merged.
     fn apply_one(
         &self,
         remote: RemoteDoc,
+        stored: Option<crate::store::DocMeta>,
         from: u64,
         ops: Ops,
         guard: &mut Option<Loaded>,
     ) -> Result<(Applied, Option<(DocWrite, Uuid)>)> {
         let id = remote.id;
-        if let Some(m) = self.store.doc_meta(id)? {
+        if let Some(m) = &stored {
             if m.heads == remote.heads {
                 return Ok((Applied::Unchanged, None));
             }
@@ -325,7 +328,9 @@ impl Repo {
         if let Err(why) = super::guard::check(&remote.data) {
             return Ok((Applied::Refused(format!("document {id}: {why}")), None));
         }
-        let existing = self.ensure_loaded(id, guard)?.is_some();
+        // A document the store lacks has nothing to load (and costs no second lookup).
+        let existing =
+            (stored.is_some() || guard.is_some()) && self.ensure_loaded(id, guard)?.is_some();
         let conflicts_before = guard.as_ref().map_or(0, |l| conflicted_keys(&l.doc));
         let before: Vec<[u8; 32]> = guard
             .as_ref()
@@ -398,14 +403,13 @@ impl Repo {
             match remote.kind {
                 DocKind::Item => {
                     let idoc = ItemDoc::new(&mut doc);
-                    let tracker = idoc.tracker().map_err(|e| e.to_string())?;
                     let (view, max) = idoc
-                        .view_with_max(id, self.policy_of(tracker))
+                        .view_by(id, |tracker| self.policy_of(tracker))
                         .map_err(|e| e.to_string())?;
                     let display = (!existing)
-                        .then(|| view.display_id.clone())
+                        .then_some(view.display_id)
                         .filter(|d| !d.is_empty());
-                    Ok((tracker, view.deleted, display, max, None))
+                    Ok((view.tracker, view.deleted, display, max, None))
                 }
                 DocKind::Tracker => {
                     let max = crate::register::max_hlc(&doc);
@@ -440,7 +444,7 @@ impl Repo {
         }
         if remote.kind == DocKind::Item && ops != Ops::ALL {
             // The slot is empty here: a refused merge is dropped and reloads from disk.
-            let was_deleted = self.store.doc_meta(id)?.is_some_and(|m| m.deleted);
+            let was_deleted = stored.as_ref().is_some_and(|m| m.deleted);
             let op = match (existing, deleted && !was_deleted) {
                 (false, _) => (ops.create, "create"),
                 (true, true) => (ops.delete, "delete"),
@@ -454,7 +458,7 @@ impl Repo {
             }
         }
         let meta = if existing {
-            let mut m = self.store.doc_meta(id)?;
+            let mut m = stored;
             if let Some(m) = m.as_mut() {
                 m.heads = before;
             }
@@ -469,7 +473,7 @@ impl Repo {
             max_hlc: max,
         });
         let source = if same_as_sender { from } else { 0 };
-        let received = (!existing).then(|| remote.data.clone());
+        let received = (!existing).then_some(remote.data);
         let index = match remote.kind {
             DocKind::Item => Indexing {
                 display_id: display,
