@@ -53,6 +53,10 @@ enum Cmd {
         /// Threads applying each page (the node uses 2).
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Percent of the items changed for the catch-up that follows (a larger share gives
+        /// a profiler more to see).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        changed_percent: u64,
     },
     /// Bundles: export N items on a running node, import them into a fresh one (both through
     /// the real CLI), then connect the pair after 1% changed and measure what sync moves.
@@ -112,7 +116,8 @@ async fn main() -> Result<()> {
             items,
             source,
             threads,
-        } => apply_bench(items, source, threads).await,
+            changed_percent,
+        } => apply_bench(items, source, threads, changed_percent).await,
         Cmd::Compare {
             items,
             systems,
@@ -569,7 +574,12 @@ async fn seed_store(dir: &Path, n: u64) -> Result<()> {
     Ok(())
 }
 
-async fn apply_bench(n: u64, source: Option<PathBuf>, threads: usize) -> Result<()> {
+async fn apply_bench(
+    n: u64,
+    source: Option<PathBuf>,
+    threads: usize,
+    changed_percent: u64,
+) -> Result<()> {
     use trackersync::config::{Identity, DIR_DB};
     use trackersync::hlc::SystemClock;
     use trackersync::repo::Repo;
@@ -591,44 +601,85 @@ async fn apply_bench(n: u64, source: Option<PathBuf>, threads: usize) -> Result<
     };
     let a = open(&src)?;
     let b = open(&scratch.0.join("b"))?;
-    let (mut since, mut serve, mut apply, mut docs_n, mut bytes) =
-        (0, Duration::ZERO, Duration::ZERO, 0usize, 0usize);
-    loop {
-        let t = Instant::now();
-        let (docs, last, more) = a.feed(since, 2000, 4 << 20, 0)?;
-        serve += t.elapsed();
-        docs_n += docs.len();
-        bytes += docs.iter().map(|d| d.data.len()).sum::<usize>();
-        let t = Instant::now();
-        let (trackers, items): (Vec<_>, Vec<_>) = docs
-            .into_iter()
-            .partition(|d| d.kind == trackersync::store::DocKind::Tracker);
-        b.apply_remote(trackers, 1)?;
-        if threads > 1 {
-            let mut items = items;
-            let half = items.split_off(items.len() / 2);
-            let b = &b;
-            std::thread::scope(|s| -> Result<()> {
-                let h = s.spawn(move || b.apply_remote(half, 1));
+    // Pages of A's feed after `since`, applied to B as a node applies a received page (its
+    // items split between two threads).
+    let transfer = |since: u64, ids: &mut Vec<String>| -> Result<Transfer> {
+        let mut t = Transfer {
+            last: since,
+            ..Transfer::default()
+        };
+        let cpu0 = proc_cpu_s(std::process::id());
+        loop {
+            let t0 = Instant::now();
+            let (docs, last, more) = a.feed(t.last, 2000, 4 << 20, 0)?;
+            t.serve += t0.elapsed();
+            t.docs += docs.len();
+            t.bytes += docs.iter().map(|d| d.data.len()).sum::<usize>();
+            let t0 = Instant::now();
+            let (trackers, items): (Vec<_>, Vec<_>) = docs
+                .into_iter()
+                .partition(|d| d.kind == trackersync::store::DocKind::Tracker);
+            ids.extend(items.iter().map(|d| d.id.to_string()));
+            b.apply_remote(trackers, 1)?;
+            if threads > 1 {
+                let mut items = items;
+                let half = items.split_off(items.len() / 2);
+                let b = &b;
+                std::thread::scope(|s| -> Result<()> {
+                    let h = s.spawn(move || b.apply_remote(half, 1));
+                    b.apply_remote(items, 1)?;
+                    h.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+                    Ok(())
+                })?;
+            } else {
                 b.apply_remote(items, 1)?;
-                h.join().map_err(|_| anyhow::anyhow!("panicked"))??;
-                Ok(())
-            })?;
-        } else {
-            b.apply_remote(items, 1)?;
+            }
+            t.apply += t0.elapsed();
+            t.last = last;
+            if !more {
+                t.cpu_s = proc_cpu_s(std::process::id()) - cpu0;
+                return Ok(t);
+            }
         }
-        apply += t.elapsed();
-        since = last;
-        if !more {
-            break;
-        }
-    }
+    };
+    let mut ids = Vec::new();
+    let first = transfer(0, &mut ids)?;
     emit(
-        json!({"bench": "apply", "n": n, "threads": threads, "docs": docs_n, "bytes": bytes, "serve_s": serve.as_secs_f64(),
-        "apply_s": apply.as_secs_f64(), "apply_us_per_doc": apply.as_secs_f64() * 1e6 / docs_n as f64,
-        "serve_us_per_doc": serve.as_secs_f64() * 1e6 / docs_n as f64}),
+        json!({"bench": "apply", "n": n, "threads": threads, "docs": first.docs, "bytes": first.bytes, "serve_s": first.serve.as_secs_f64(),
+        "apply_s": first.apply.as_secs_f64(), "apply_us_per_doc": first.apply.as_secs_f64() * 1e6 / first.docs as f64,
+        "serve_us_per_doc": first.serve.as_secs_f64() * 1e6 / first.docs as f64,
+        "cpu_us_per_doc": first.cpu_s * 1e6 / first.docs as f64}),
+    );
+    // Catch-up: 1 % of the items (`--changed-percent`) change on A (three fields each, as in
+    // `sync`), and B, which holds them all (not decoded: received documents leave the cache),
+    // merges the changes. With `--source` the source store keeps these edits.
+    let step = usize::try_from(100 / changed_percent)?;
+    let edited: Vec<&String> = ids.iter().step_by(step).collect();
+    for id in &edited {
+        let fields = json!({"status": "closed", "notes": format!("updated ({id})"),
+            "last_updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)});
+        a.update_item(id, fields.as_object().cloned().context("fields")?)?;
+    }
+    let catch_up = transfer(first.last, &mut Vec::new())?;
+    emit(
+        json!({"bench": "apply", "scenario": "catch_up", "n": n, "threads": threads, "edited": edited.len(), "docs": catch_up.docs,
+        "bytes": catch_up.bytes, "serve_s": catch_up.serve.as_secs_f64(), "apply_s": catch_up.apply.as_secs_f64(),
+        "apply_us_per_doc": catch_up.apply.as_secs_f64() * 1e6 / catch_up.docs.max(1) as f64,
+        "cpu_us_per_doc": catch_up.cpu_s * 1e6 / catch_up.docs.max(1) as f64}),
     );
     Ok(())
+}
+
+/// What one run of the feed from A to B in `apply_bench` moved.
+#[derive(Default)]
+struct Transfer {
+    last: u64,
+    docs: usize,
+    bytes: usize,
+    serve: Duration,
+    apply: Duration,
+    /// CPU seconds the whole process (sled's threads included) used meanwhile.
+    cpu_s: f64,
 }
 
 const LISTEN: [&str; 2] = ["--listen", "/ip4/127.0.0.1/tcp/0"];
