@@ -656,8 +656,7 @@ async fn apply_bench(
     let step = usize::try_from(100 / changed_percent)?;
     let edited: Vec<&String> = ids.iter().step_by(step).collect();
     for id in &edited {
-        let fields = json!({"status": "closed", "notes": format!("updated ({id})"),
-            "last_updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)});
+        let fields = catchup_fields(format!("updated ({id})"));
         a.update_item(id, fields.as_object().cloned().context("fields")?)?;
     }
     let catch_up = transfer(first.last, &mut Vec::new())?;
@@ -919,12 +918,17 @@ async fn checkpoint_reaches(node: &RunningNode, seq: f64) -> Result<bool> {
 
 /// The peer harnesses' 1% edit, round `round`: three fields of every edited record in one
 /// request each. Returns (records edited, JSON bytes sent).
+/// The fields one record's 1 % edit sets: status, a timestamp and `notes`.
+fn catchup_fields(notes: String) -> Json {
+    json!({"status": "closed", "notes": notes,
+        "last_updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)})
+}
+
 async fn edit_round(a: &RunningNode, ids: &[String], n: u64, round: u64) -> Result<(f64, usize)> {
     let edited = workload::catchup_indices(n, round);
     let mut edit_bytes = 0usize;
     for &i in &edited {
-        let body = json!({"fields": {"status": "closed", "last_updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "notes": format!("updated in round {round} (doc {i})")}});
+        let body = json!({"fields": catchup_fields(format!("updated in round {round} (doc {i})"))});
         edit_bytes += body.to_string().len();
         let res = a
             .http
