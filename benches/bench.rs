@@ -611,7 +611,7 @@ async fn apply_bench(
         let cpu0 = proc_cpu_s(std::process::id());
         loop {
             let t0 = Instant::now();
-            let (docs, last, more) = a.feed(t.last, 2000, 4 << 20, 0)?;
+            let (docs, last, more) = a.feed(since, t.last, 2000, 4 << 20, 0)?;
             t.serve += t0.elapsed();
             t.docs += docs.len();
             t.bytes += docs.iter().map(|d| d.data.len()).sum::<usize>();
@@ -1150,7 +1150,7 @@ fn fuzz_seeds(dir: &Path) -> Result<()> {
         m.insert("notes".into(), json!(format!("edit {i}")));
         repo.update_item(&item.id.to_string(), m)?;
     }
-    let (docs, last, _) = repo.feed(0, 100, 1 << 20, 0)?;
+    let (docs, last, _) = repo.feed(0, 0, 100, 1 << 20, 0)?;
     let wire_dir = dir.join("corpus/wire_decode");
     let doc_dir = dir.join("corpus/apply_document");
     std::fs::create_dir_all(&wire_dir)?;

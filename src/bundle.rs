@@ -233,8 +233,14 @@ pub fn export(
     let mut tracker_ids = HashSet::new();
     let mut cursor = since;
     loop {
-        let (entries, last, more) =
-            store.feed_for_bundle(cursor, FRAME_ENTRIES, FRAME_BYTES, skip, wanted.as_ref())?;
+        let (entries, last, more) = store.feed_for_bundle(
+            since,
+            cursor,
+            FRAME_ENTRIES,
+            FRAME_BYTES,
+            skip,
+            wanted.as_ref(),
+        )?;
         progress.add(last - cursor);
         cursor = last;
         if !entries.is_empty() {

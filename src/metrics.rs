@@ -29,6 +29,7 @@ pub struct Metrics {
     pulls: Gauge,
     pushes: Gauge,
     pushes_from_memory: Gauge,
+    incomplete_fetched: Gauge,
     messages_out: Gauge,
     plain_out: Gauge,
     payload_out: Gauge,
@@ -103,6 +104,12 @@ impl Metrics {
             "Live pushes to peers built from the last changes in memory, without a feed read",
             pushes_from_memory.clone(),
         );
+        let incomplete_fetched = Gauge::default();
+        registry.register(
+            "sync_incomplete_fetched",
+            "Received documents that lacked earlier changes and were fetched again (a round trip each page)",
+            incomplete_fetched.clone(),
+        );
         let messages_out = Gauge::default();
         registry.register(
             "sync_messages_sent",
@@ -142,6 +149,7 @@ impl Metrics {
             pulls,
             pushes,
             pushes_from_memory,
+            incomplete_fetched,
             sync_in,
             sync_out,
             registry,
@@ -179,7 +187,8 @@ impl Metrics {
         self.messages_out.set(messages as i64);
         self.plain_out.set(plain as i64);
         self.payload_out.set(payload as i64);
-        let (pulls, pushes, from_memory) = crate::net::pull_counts();
+        let (pulls, pushes, from_memory, incomplete) = crate::net::pull_counts();
+        self.incomplete_fetched.set(incomplete as i64);
         self.pulls.set(pulls as i64);
         self.pushes.set(pushes as i64);
         self.pushes_from_memory.set(from_memory as i64);

@@ -56,13 +56,19 @@ static PULLS_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 static PUSHES_TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static PUSHES_FROM_MEMORY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// (pulls sent, pushes taken, pushes built from memory) since the process started.
-pub fn pull_counts() -> (u64, u64, u64) {
+/// Documents a received page or push left incomplete (missing earlier changes) that we
+/// fetched again: each costs a round trip.
+static INCOMPLETE_FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// (pulls sent, pushes taken, pushes built from memory, incomplete documents fetched) since
+/// the process started.
+pub fn pull_counts() -> (u64, u64, u64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
     (
         PULLS_SENT.load(Relaxed),
         PUSHES_TAKEN.load(Relaxed),
         PUSHES_FROM_MEMORY.load(Relaxed),
+        INCOMPLETE_FETCHED.load(Relaxed),
     )
 }
 
@@ -452,6 +458,9 @@ struct PeerState {
     /// Where the next pull starts: (peer's store incarnation, sequence number). Ahead of the
     /// durable checkpoint while pages are queued or applying.
     cursor: Option<(Uuid, u64)>,
+    /// Where the current run of pages began (`Pull.base`): kept while the peer says more
+    /// pages follow, so a page asks for each document's changes since then.
+    pull_base: Option<(Uuid, u64)>,
     /// Bumped whenever `cursor` is reset; replies to older pulls are discarded.
     epoch: u64,
     recon: Option<Recon>,
@@ -499,6 +508,7 @@ impl PeerState {
             queued: None,
             more: false,
             cursor: None,
+            pull_base: None,
             epoch: 0,
             recon: None,
             run_active: false,
@@ -1237,7 +1247,9 @@ impl EventLoop {
         }
         let (repo, work) = (self.repo.clone(), self.work_tx.clone());
         tokio::task::spawn_blocking(move || {
+            // A push continues where the peer's cursor stands (a fetch fills any gap).
             let push = match repo.feed_shared(
+                since,
                 since,
                 PUSH_MAX_ENTRIES,
                 PUSH_MAX_BYTES,
@@ -1381,6 +1393,14 @@ impl EventLoop {
                 }
             },
         };
+        // A run of pages keeps the base it began with (0 holds for any incarnation: a first
+        // pull names none); a new run begins where the cursor is.
+        let at = Uuid::from_slice(&incarnation).unwrap_or(Uuid::nil());
+        let base = match s.pull_base {
+            Some((inc, b)) if s.more && b <= since && (b == 0 || inc == at) => b,
+            _ => since,
+        };
+        s.pull_base = Some((at, base));
         s.pull_in_flight = true;
         s.pull_again = false;
         let trigger = if s.config.continuous() {
@@ -1398,6 +1418,7 @@ impl EventLoop {
                 max_entries: wire::PULL_MAX_ENTRIES as u32,
                 filtered: s.config.trackers.is_some(),
                 trackers: s.config.trackers.clone().unwrap_or_default(),
+                base,
             })),
         };
         let id = self.request(peer, req);
@@ -2156,10 +2177,10 @@ impl EventLoop {
                     });
                 }
                 // A checkpoint from another incarnation of our store means nothing: start over.
-                let since = if pull.incarnation == ours.as_bytes() {
-                    pull.since
+                let (base, since) = if pull.incarnation == ours.as_bytes() {
+                    (pull.base.min(pull.since), pull.since)
                 } else {
-                    0
+                    (0, 0)
                 };
                 let max = (pull.max_entries as usize).clamp(1, wire::PULL_MAX_ENTRIES);
                 let node = repo.node();
@@ -2172,6 +2193,7 @@ impl EventLoop {
                         }
                     }
                     let response = match repo.feed_shared(
+                        base,
                         since,
                         max,
                         wire::PULL_MAX_BYTES,
@@ -2762,6 +2784,8 @@ impl EventLoop {
                     }
                 }
                 if !fetch.is_empty() {
+                    INCOMPLETE_FETCHED
+                        .fetch_add(fetch.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     let req = pb::Request {
                         version: wire::VERSION,
                         body: Some(pb::request::Body::Fetch(pb::Fetch { docs: fetch })),

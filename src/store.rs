@@ -1013,39 +1013,63 @@ impl Store {
         max_bytes: usize,
         skip_source: u64,
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
-        self.feed_since_shared(since, max_entries, max_bytes, skip_source, None)
+        self.feed_since_shared(since, since, max_entries, max_bytes, skip_source, None)
     }
 
     /// [`Store::feed_since`], leaving out documents of trackers not in `shared` (when given):
-    /// a peer's share policy.
+    /// a peer's share policy. `base` (at most `since`) is where the requester's run of pages
+    /// began: it holds our documents as of then, so a document's chunks written after `base`
+    /// are what it lacks (from 0, whole documents). Paging on from `since` alone would leave
+    /// out a document's chunks written before `since` when the document moved past it before
+    /// the requester read that far.
     pub fn feed_since_shared(
         &self,
+        base: u64,
         since: u64,
         max_entries: usize,
         max_bytes: usize,
         skip_source: u64,
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
-        self.feed_page(since, max_entries, max_bytes, skip_source, shared, false)
+        self.feed_page(
+            base.min(since),
+            since,
+            max_entries,
+            max_bytes,
+            skip_source,
+            shared,
+            false,
+        )
     }
 
     /// [`Store::feed_since_shared`] for a bundle, whose reader cannot ask for what is missing:
-    /// from 0, each document whole (snapshot and every chunk); after a checkpoint, the chunks
-    /// written after it, plus the snapshot when it may hold changes made after it too (no
-    /// chunk predates the checkpoint, so the document may have been compacted since).
+    /// from `base` 0, each document whole (snapshot and every chunk); after a checkpoint, the
+    /// chunks written after it, plus the snapshot when it may hold changes made after it too
+    /// (no chunk predates the checkpoint, so the document may have been compacted since).
     pub fn feed_for_bundle(
         &self,
+        base: u64,
         since: u64,
         max_entries: usize,
         max_bytes: usize,
         skip_source: u64,
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Result<(Vec<FeedEntry>, u64, bool)> {
-        self.feed_page(since, max_entries, max_bytes, skip_source, shared, true)
+        self.feed_page(
+            base.min(since),
+            since,
+            max_entries,
+            max_bytes,
+            skip_source,
+            shared,
+            true,
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn feed_page(
         &self,
+        base: u64,
         since: u64,
         max_entries: usize,
         max_bytes: usize,
@@ -1090,12 +1114,12 @@ impl Store {
             let Some(doc) = self.load_doc(id)? else {
                 continue;
             };
-            // A requester at checkpoint `since` got this document as of then: send only the
+            // A requester at checkpoint `base` got this document as of then: send only the
             // chunks written after it (if it missed some after all, it fetches with its heads).
             // One starting from nothing gets the whole document.
             let data = if doc.chunks.is_empty() {
                 doc.snapshot
-            } else if since == 0 || (whole && doc.chunk_seqs.iter().all(|&s| s > since)) {
+            } else if base == 0 || (whole && doc.chunk_seqs.iter().all(|&s| s > base)) {
                 let mut all = doc.snapshot;
                 for c in &doc.chunks {
                     all.extend_from_slice(c);
@@ -1106,7 +1130,7 @@ impl Store {
                     .chunks
                     .iter()
                     .zip(&doc.chunk_seqs)
-                    .filter(|(_, &s)| s > since)
+                    .filter(|(_, &s)| s > base)
                     .map(|(c, _)| c)
                     .collect();
                 if newer.is_empty() {
@@ -1629,7 +1653,7 @@ mod tests {
         // (the snapshot may be newer than it), the snapshot goes too.
         let bundle = |since| {
             let (entries, _, _) = store
-                .feed_for_bundle(since, 10, 1 << 20, 0, None)
+                .feed_for_bundle(since, since, 10, 1 << 20, 0, None)
                 .expect("feed");
             entries.into_iter().next().expect("the document").data
         };
@@ -1637,6 +1661,50 @@ mod tests {
         assert_eq!(bundle(2), b"c2c3");
         let d = store.load_doc(id).expect("load").expect("exists");
         assert_eq!(d.chunk_seqs, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn later_pages_of_a_run_send_what_changed_since_the_run_began() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let t = Uuid::now_v7();
+        let (x, y, z) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // Seqs: x snapshot 1, x chunk 2, y 3, z 4, x chunk 5 (x moves to 5).
+        for (id, data) in [
+            (x, DocData::Snapshot(b"s".to_vec())),
+            (x, DocData::Chunk(b"c1".to_vec())),
+            (y, DocData::Snapshot(b"y".to_vec())),
+            (z, DocData::Snapshot(b"z".to_vec())),
+            (x, DocData::Chunk(b"c2".to_vec())),
+        ] {
+            store.commit(write(id, t, data, false)).expect("commit");
+        }
+        // A run from nothing, two documents a page: the first page is y and z; x comes in
+        // the second, after x's first chunk, which the requester never got.
+        let (page, last, more) = store.feed_since(0, 2, 1 << 20, 0).expect("feed");
+        let ids: Vec<Uuid> = page.iter().map(|e| e.id).collect();
+        assert_eq!((ids, last, more), (vec![y, z], 4, true));
+        let x_data = |page: Vec<FeedEntry>| {
+            assert_eq!(page.len(), 1);
+            page.into_iter().next().expect("x").data
+        };
+        let (page, _, _) = store
+            .feed_since_shared(0, 4, 2, 1 << 20, 0, None)
+            .expect("feed");
+        assert_eq!(x_data(page), b"sc1c2");
+        let (page, _, _) = store
+            .feed_for_bundle(0, 4, 2, 1 << 20, 0, None)
+            .expect("feed");
+        assert_eq!(x_data(page), b"sc1c2");
+        // A run that began at 2 holds x's first chunk: only the second goes.
+        let (page, _, _) = store
+            .feed_since_shared(2, 4, 2, 1 << 20, 0, None)
+            .expect("feed");
+        assert_eq!(x_data(page), b"c2");
+        let (page, _, _) = store
+            .feed_for_bundle(2, 4, 2, 1 << 20, 0, None)
+            .expect("feed");
+        assert_eq!(x_data(page), b"c2");
     }
 
     #[test]

@@ -84,21 +84,24 @@ pub enum Applied {
 }
 
 impl Repo {
-    /// Our documents changed after `since` (see [`crate::store::Store::feed_since`]);
+    /// Our documents changed after `since`, for a requester that holds them as of `base`
+    /// (where its run of pages began; see [`crate::store::Store::feed_since_shared`]);
     /// `requester` (a peer tag) gets no documents it sent us itself.
     pub fn feed(
         &self,
+        base: u64,
         since: u64,
         max_entries: usize,
         max_bytes: usize,
         requester: u64,
     ) -> Result<(Vec<RemoteDoc>, u64, bool)> {
-        self.feed_shared(since, max_entries, max_bytes, requester, None)
+        self.feed_shared(base, since, max_entries, max_bytes, requester, None)
     }
 
     /// [`Repo::feed`] limited to the trackers in `shared` (a peer's share policy), if given.
     pub fn feed_shared(
         &self,
+        base: u64,
         since: u64,
         max_entries: usize,
         max_bytes: usize,
@@ -106,7 +109,7 @@ impl Repo {
         shared: Option<&std::collections::HashSet<Uuid>>,
     ) -> Result<(Vec<RemoteDoc>, u64, bool)> {
         self.store
-            .feed_since_shared(since, max_entries, max_bytes, requester, shared)
+            .feed_since_shared(base, since, max_entries, max_bytes, requester, shared)
             .map(remote_page)
             .map_err(Into::into)
     }
@@ -558,7 +561,7 @@ mod tests {
             .expect("tracker");
         peer.create_item("t", json!({"a": "x"}).as_object().cloned().expect("map"))
             .expect("item");
-        let (docs, _, _) = peer.feed(0, 100, 1 << 20, 0).expect("feed");
+        let (docs, _, _) = peer.feed(0, 0, 100, 1 << 20, 0).expect("feed");
         (peer, docs)
     }
 
@@ -750,7 +753,7 @@ mod tests {
                 json!({"a": "future"}).as_object().cloned().expect("map"),
             )
             .expect("item");
-        let (future, _, _) = ahead.feed(0, 100, 1 << 20, 0).expect("feed");
+        let (future, _, _) = ahead.feed(0, 0, 100, 1 << 20, 0).expect("feed");
 
         let us = repo(b.path(), 1);
         let mut all = future.clone();

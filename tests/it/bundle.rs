@@ -149,6 +149,60 @@ async fn a_bundle_moves_trackers_and_items_without_a_network_and_twice_is_a_no_o
     );
 }
 
+/// More documents than one bundle frame or one pull page (2,000) hold, and one of them
+/// edited before and after the others were written: its feed position is on the last page,
+/// its first edit before the page boundary. A whole bundle and a first network pull must
+/// still carry it whole (its reader started from nothing), not only its last edit.
+#[tokio::test]
+async fn documents_edited_across_a_page_boundary_travel_whole() {
+    use futures::StreamExt;
+    let a = TestNode::start().await;
+    a.cases_tracker().await;
+    let x = new_item(&a, json!({"name": "Xavi", "age": 1})).await;
+    set(&a, &x, json!({"age": 2})).await;
+    let created: Vec<String> = futures::stream::iter(0..2_010)
+        .map(|k| new_item(&a, json!({"name": format!("p{k}")})))
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    set(&a, &x, json!({"age": 3, "status": "open"})).await;
+    let total = created.len() + 1;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("all.tsb");
+    let header = export(&a, &file, &[]).await;
+    assert_eq!(header["item_docs"].as_u64(), Some(total as u64), "{header}");
+    let b = TestNode::start().await;
+    let summary = import(&b, &file).await;
+    assert_eq!(
+        (summary["merged"].as_u64(), summary["incomplete"].as_u64()),
+        (Some(total as u64 + 1), Some(0)),
+        "{summary}"
+    );
+    let item = b.item_when(&x, |i| i["fields"]["age"] == json!(3)).await;
+    assert_eq!(
+        (&item["fields"]["name"], &item["fields"]["status"]),
+        (&json!("Xavi"), &json!("open")),
+        "{item}"
+    );
+
+    // Over the network: a first pull from nothing, in pages, needs no fetch for it.
+    let c = TestNode::start().await;
+    c.pair(&a).await;
+    let item = c.item_when(&x, |i| i["fields"]["age"] == json!(3)).await;
+    assert_eq!(item["fields"]["name"], json!("Xavi"), "{item}");
+    crate::support::eventually("C holds every item", || async {
+        let (_, st) = c.get("/api/v1/status").await;
+        (st["items"].as_u64() == Some(total as u64)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        c.metric("trackersync_sync_incomplete_fetched").await,
+        0.0,
+        "every document of the pages arrived whole"
+    );
+}
+
 /// `--since` and `--for-peer` bundles carry only what changed; what a bundle carried is not
 /// carried again, and the importing node's checkpoint on the exporter moves to the bundle's end.
 #[tokio::test]

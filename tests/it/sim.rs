@@ -117,7 +117,7 @@ fn pull(nodes: &[Node], from: usize, to: usize, max: usize) -> Page {
         Some((inc, seq)) if inc == incarnation => seq,
         _ => 0,
     };
-    let (docs, last, _) = src.feed(since, max, 1 << 20, tag(to)).expect("feed");
+    let (docs, last, _) = src.feed(since, since, max, 1 << 20, tag(to)).expect("feed");
     Page {
         from,
         to,
