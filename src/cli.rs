@@ -1140,7 +1140,8 @@ async fn sync_command(c: &Client, a: SyncArgs) -> Result<()> {
 }
 
 /// A progress bar fed from the node's `status` while `request` runs (bundle jobs report
-/// `{"op", "done", "total"}` there); nothing when no one watches.
+/// `{"op", "done", "total"}` there); nothing when no one watches. `unit` is the indicatif
+/// template after the bar, e.g. `{pos}/{len} documents`.
 async fn with_progress<T>(
     c: &Client,
     label: &str,
@@ -1151,15 +1152,20 @@ async fn with_progress<T>(
     if !std::io::stderr().is_terminal() {
         return request.await;
     }
-    let pb = indicatif::ProgressBar::new(0);
+    // A spinner until the node reports how much there is to do (it reads the bundle or the
+    // feed first), then a bar.
+    let pb = indicatif::ProgressBar::new_spinner();
     pb.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{spinner}} {label} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(&format!("{{spinner}} {label}… {{elapsed}}"))
+            .expect("valid template"),
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    let bar = indicatif::ProgressStyle::with_template(&format!(
+        "{{spinner}} {label} [{{bar:30}}] {unit} {{elapsed}}"
+    ))
+    .expect("valid template")
+    .progress_chars("=> ");
+    let mut sized = false;
     tokio::pin!(request);
     let result = loop {
         tokio::select! {
@@ -1169,8 +1175,14 @@ async fn with_progress<T>(
                     if let (Some(done), Some(total)) =
                         (s["bundle"]["done"].as_u64(), s["bundle"]["total"].as_u64())
                     {
-                        pb.set_length(total);
-                        pb.set_position(done);
+                        if total > 0 {
+                            if !sized {
+                                pb.set_style(bar.clone());
+                                sized = true;
+                            }
+                            pb.set_length(total);
+                            pb.set_position(done);
+                        }
                     }
                 }
             }
@@ -1218,7 +1230,8 @@ async fn export_command(c: &Client, a: ExportArgs) -> Result<()> {
     let bytes = with_progress(
         c,
         "exporting",
-        "changes",
+        // The node counts feed positions, which have gaps after an unclean stop: a share.
+        "{percent}% of the feed",
         c.request_bytes(Method::POST, "/export", Some(body)),
     )
     .await?;
@@ -1256,9 +1269,14 @@ async fn import_command(c: &Client, a: ImportArgs) -> Result<()> {
         .with_context(|| format!("cannot read the bundle {}", a.file.display()))?;
     // Check it here first: a damaged file is refused without a round trip of its bytes.
     crate::bundle::read_header(&bytes).with_context(|| format!("{} refused", a.file.display()))?;
-    let summary = with_progress(c, "importing", "documents", c.post_bytes("/import", bytes))
-        .await
-        .with_context(|| format!("{} refused", a.file.display()))?;
+    let summary = with_progress(
+        c,
+        "importing",
+        "{pos}/{len} documents",
+        c.post_bytes("/import", bytes),
+    )
+    .await
+    .with_context(|| format!("{} refused", a.file.display()))?;
     if a.json {
         print_json(&summary);
     } else {
