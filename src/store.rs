@@ -169,6 +169,10 @@ pub struct DocMeta {
     /// our heads equal that peer's; 0 after a local write. Serving that peer's pull skips the
     /// document: it already has exactly this.
     pub source: u64,
+    /// Local change sequence number at which the snapshot was written (creation or the last
+    /// compaction); 0 when unknown (records written before it was kept). A reader holding
+    /// the document as of an earlier number lacks some of what the snapshot folded in.
+    pub snapshot_seq: u64,
 }
 
 /// A document's state in 16 bytes: BLAKE3 over its id and its heads in sorted order, so two
@@ -213,6 +217,7 @@ impl DocMeta {
             out.extend_from_slice(h);
         }
         out.extend_from_slice(&self.source.to_be_bytes());
+        out.extend_from_slice(&self.snapshot_seq.to_be_bytes());
         out
     }
 
@@ -231,9 +236,15 @@ impl DocMeta {
         let deleted = b[30] != 0;
         let n = u16::from_be_bytes(b[31..33].try_into().ok()?) as usize;
         let rest = &b[33..];
-        if rest.len() != n * 32 + 8 {
-            return None;
-        }
+        // Records written before `snapshot_seq` was kept end with the source.
+        let (rest, snapshot_seq) = match rest.len().checked_sub(n * 32) {
+            Some(8) => (rest, 0),
+            Some(16) => {
+                let (rest, at) = rest.split_at(rest.len() - 8);
+                (rest, u64::from_be_bytes(at.try_into().ok()?))
+            }
+            _ => return None,
+        };
         let (rest, source) = rest.split_at(n * 32);
         let source = u64::from_be_bytes(source.try_into().ok()?);
         let heads = rest
@@ -248,6 +259,7 @@ impl DocMeta {
             chunks,
             deleted,
             source,
+            snapshot_seq,
         })
     }
 }
@@ -747,13 +759,13 @@ impl Store {
     ) -> DocMeta {
         let id = w.id;
         let seq = next.next_seq;
-        let chunks = match &w.data {
+        let (chunks, snapshot_seq) = match &w.data {
             DocData::Snapshot(bytes) => {
                 batch.insert(key(P_SNAPSHOT, &[id.as_bytes()]), bytes.as_slice());
                 for n in 0..old.as_ref().map_or(0, |m| m.chunks) {
                     batch.remove(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]));
                 }
-                0
+                (0, seq)
             }
             DocData::Chunk(bytes) => {
                 let n = old.as_ref().map_or(0, |m| m.chunks);
@@ -762,7 +774,7 @@ impl Store {
                 value.extend_from_slice(&seq.to_be_bytes());
                 value.extend_from_slice(bytes);
                 batch.insert(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]), value);
-                n + 1
+                (n + 1, old.as_ref().map_or(0, |m| m.snapshot_seq))
             }
         };
         let meta = DocMeta {
@@ -773,6 +785,7 @@ impl Store {
             chunks,
             deleted: w.deleted,
             source: w.source,
+            snapshot_seq,
         };
         batch.insert(key(P_DOCMETA, &[id.as_bytes()]), meta.encode());
         if let Some(o) = &old {
@@ -1116,10 +1129,14 @@ impl Store {
             };
             // A requester at checkpoint `base` got this document as of then: send only the
             // chunks written after it (if it missed some after all, it fetches with its heads).
-            // One starting from nothing gets the whole document.
+            // One starting from nothing gets the whole document, and so does one that holds
+            // it as of before its snapshot was written (created or compacted since).
             let data = if doc.chunks.is_empty() {
                 doc.snapshot
-            } else if base == 0 || (whole && doc.chunk_seqs.iter().all(|&s| s > base)) {
+            } else if base == 0
+                || doc.meta.snapshot_seq > base
+                || (whole && doc.chunk_seqs.iter().all(|&s| s > base))
+            {
                 let mut all = doc.snapshot;
                 for c in &doc.chunks {
                     all.extend_from_slice(c);
@@ -1705,6 +1722,66 @@ mod tests {
             .feed_for_bundle(2, 4, 2, 1 << 20, 0, None)
             .expect("feed");
         assert_eq!(x_data(page), b"c2");
+    }
+
+    #[test]
+    fn a_reader_from_before_a_compaction_gets_the_new_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (id, t) = (Uuid::now_v7(), Uuid::now_v7());
+        // Seqs: snapshot 1, chunk 2, compaction 3 (a new snapshot, the chunk folded in),
+        // chunk 4.
+        for data in [
+            DocData::Snapshot(b"s1".to_vec()),
+            DocData::Chunk(b"c2".to_vec()),
+            DocData::Snapshot(b"s3".to_vec()),
+            DocData::Chunk(b"c4".to_vec()),
+        ] {
+            store.commit(write(id, t, data, false)).expect("commit");
+        }
+        assert_eq!(
+            store
+                .doc_meta(id)
+                .expect("meta")
+                .expect("exists")
+                .snapshot_seq,
+            3
+        );
+        let data = |since| {
+            let (entries, _, _) = store.feed_since(since, 10, 1 << 20, 0).expect("feed");
+            entries.into_iter().next().expect("the document").data
+        };
+        // At 1 or 2 the reader lacks what the compaction folded in (its own chunk 2 is gone).
+        assert_eq!(data(1), b"s3c4");
+        assert_eq!(data(2), b"s3c4");
+        // At 3 it holds the snapshot's state: only the chunk after it.
+        assert_eq!(data(3), b"c4");
+    }
+
+    #[test]
+    fn metadata_written_before_snapshot_seqs_were_kept_still_reads() {
+        let meta = DocMeta {
+            kind: DocKind::Item,
+            tracker: Uuid::now_v7(),
+            seq: 9,
+            heads: vec![[7; 32], [8; 32]],
+            chunks: 2,
+            deleted: false,
+            source: 5,
+            snapshot_seq: 4,
+        };
+        let now = meta.encode();
+        assert_eq!(DocMeta::decode(&now), Some(meta.clone()));
+        // The earlier format ends with the source.
+        let before = &now[..now.len() - 8];
+        assert_eq!(
+            DocMeta::decode(before),
+            Some(DocMeta {
+                snapshot_seq: 0,
+                ..meta
+            })
+        );
+        assert_eq!(DocMeta::decode(&now[..now.len() - 4]), None);
     }
 
     #[test]
