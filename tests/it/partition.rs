@@ -14,7 +14,9 @@
 //! descriptors and disk sampled every 10 s and reported with the RSS slope; the run fails if
 //! descriptors grow by more than 64 or the RSS ends above twice its post-warm-up value plus
 //! 64 MiB, a bound for leaks, not a proof of flatness; nodes run with `--cache-mb 32`, or
-//! `TRACKERSYNC_SOAK_CACHE_MB`).
+//! `TRACKERSYNC_SOAK_CACHE_MB`). The soak edits 500 items, whose documents grow for the whole
+//! run; `TRACKERSYNC_SOAK_EDITS_PER_ITEM=K` retires an item after K acknowledged edits and
+//! creates another in its place, so documents stop growing while the data still does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -381,8 +383,13 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         .await;
     }
 
-    // The workload and the nemesis.
+    // The workload and the nemesis. `open` lists the items still edited (indices into
+    // `items`); with TRACKERSYNC_SOAK_EDITS_PER_ITEM an item leaves it after that many
+    // acknowledged edits and new items take its place, so documents stop growing.
     let mut items: Vec<String> = Vec::new();
+    let mut open: Vec<usize> = Vec::new();
+    let mut edits: Vec<usize> = Vec::new();
+    let per_item = env("TRACKERSYNC_SOAK_EDITS_PER_ITEM", 0);
     let mut acked: Vec<Write> = Vec::new();
     let mut down = vec![false; nodes];
     let mut split = false;
@@ -453,7 +460,7 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
             }
         } else if let Some(n) = slots[i].node.as_ref() {
             let max_items = if soak > 0 { 500 } else { 8 };
-            if items.len() < max_items && (items.is_empty() || rng.random_bool(0.05)) {
+            if open.len() < max_items && (open.is_empty() || rng.random_bool(0.05)) {
                 let value = rng.random_range(0..1000);
                 let (s, item) = n
                     .post("/api/v1/trackers/f/items", json!({"fields": {"a": value}}))
@@ -469,9 +476,13 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
                     value,
                     stamp: item["updated"].as_str().expect("stamp").into(),
                 });
+                open.push(items.len());
+                edits.push(0);
                 items.push(id);
-            } else if !items.is_empty() {
-                let id = &items[rng.random_range(0..items.len())];
+            } else if !open.is_empty() {
+                let at = rng.random_range(0..open.len());
+                let k = open[at];
+                let id = &items[k];
                 let field = FIELDS[rng.random_range(0..FIELDS.len())];
                 let value: i64 = rng.random_range(0..1000);
                 let (s, item) = n
@@ -490,6 +501,10 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
                     value,
                     stamp: item["updated"].as_str().expect("stamp").into(),
                 });
+                edits[k] += 1;
+                if per_item > 0 && edits[k] >= per_item {
+                    open.swap_remove(at);
+                }
             }
         }
     }
@@ -580,13 +595,17 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         }
         v
     };
+    let mut acked_by_item: HashMap<&str, Vec<&Write>> = HashMap::new();
+    for w in &acked {
+        acked_by_item.entry(w.item.as_str()).or_default().push(w);
+    }
     for (k, slot) in slots.iter().enumerate() {
         let n = slot.node.as_ref().expect("up");
         for (id, want) in items.iter().zip(&reference) {
             let (_, item) = n.get(&format!("/api/v1/items/{id}")).await;
             assert_eq!(&item, want, "item {id} differs on node {k}");
             let (_, history) = n.get(&format!("/api/v1/items/{id}/history")).await;
-            for w in acked.iter().filter(|w| &w.item == id) {
+            for w in acked_by_item.get(id.as_str()).into_iter().flatten() {
                 assert!(
                     history.as_array().is_some_and(|h| h
                         .iter()
