@@ -1559,6 +1559,19 @@ fn uuid_at(b: &[u8], at: usize) -> Result<Uuid> {
 mod tests {
     use super::*;
 
+    /// Commit `writes` in order, one write each (sequence numbers 1, 2, … in a new store).
+    fn commit_all(store: &Store, writes: impl IntoIterator<Item = (Uuid, Uuid, DocData)>) {
+        for (id, t, data) in writes {
+            store.commit(write(id, t, data, false)).expect("commit");
+        }
+    }
+
+    /// The bytes of the one document a feed page holds.
+    fn only_data(page: Vec<FeedEntry>) -> Vec<u8> {
+        assert_eq!(page.len(), 1, "one document");
+        page.into_iter().next().expect("the document").data
+    }
+
     fn write(id: Uuid, tracker: Uuid, data: DocData, deleted: bool) -> DocWrite {
         DocWrite {
             id,
@@ -1647,19 +1660,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let (id, t) = (Uuid::now_v7(), Uuid::now_v7());
-        for data in [
-            DocData::Snapshot(b"s1".to_vec()),
-            DocData::Chunk(b"c1".to_vec()),
-            DocData::Chunk(b"c2".to_vec()),
-            DocData::Chunk(b"c3".to_vec()),
-        ] {
-            store.commit(write(id, t, data, false)).expect("commit");
-        }
+        commit_all(
+            &store,
+            [
+                DocData::Snapshot(b"s1".to_vec()),
+                DocData::Chunk(b"c1".to_vec()),
+                DocData::Chunk(b"c2".to_vec()),
+                DocData::Chunk(b"c3".to_vec()),
+            ]
+            .map(|d| (id, t, d)),
+        );
         // Seqs: s1 = 1, c1 = 2, c2 = 3, c3 = 4.
         let data = |since| {
             let (entries, last, _) = store.feed_since(since, 10, 1 << 20, 0).expect("feed");
             assert_eq!(last, 4);
-            entries.into_iter().next().expect("the document").data
+            only_data(entries)
         };
         // From nothing: the whole document.
         assert_eq!(data(0), b"s1c1c2c3");
@@ -1672,7 +1687,7 @@ mod tests {
             let (entries, _, _) = store
                 .feed_for_bundle(since, since, 10, 1 << 20, 0, None)
                 .expect("feed");
-            entries.into_iter().next().expect("the document").data
+            only_data(entries)
         };
         assert_eq!(bundle(1), b"s1c1c2c3");
         assert_eq!(bundle(2), b"c2c3");
@@ -1687,41 +1702,38 @@ mod tests {
         let t = Uuid::now_v7();
         let (x, y, z) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         // Seqs: x snapshot 1, x chunk 2, y 3, z 4, x chunk 5 (x moves to 5).
-        for (id, data) in [
-            (x, DocData::Snapshot(b"s".to_vec())),
-            (x, DocData::Chunk(b"c1".to_vec())),
-            (y, DocData::Snapshot(b"y".to_vec())),
-            (z, DocData::Snapshot(b"z".to_vec())),
-            (x, DocData::Chunk(b"c2".to_vec())),
-        ] {
-            store.commit(write(id, t, data, false)).expect("commit");
-        }
+        commit_all(
+            &store,
+            [
+                (x, t, DocData::Snapshot(b"s".to_vec())),
+                (x, t, DocData::Chunk(b"c1".to_vec())),
+                (y, t, DocData::Snapshot(b"y".to_vec())),
+                (z, t, DocData::Snapshot(b"z".to_vec())),
+                (x, t, DocData::Chunk(b"c2".to_vec())),
+            ],
+        );
         // A run from nothing, two documents a page: the first page is y and z; x comes in
         // the second, after x's first chunk, which the requester never got.
         let (page, last, more) = store.feed_since(0, 2, 1 << 20, 0).expect("feed");
         let ids: Vec<Uuid> = page.iter().map(|e| e.id).collect();
         assert_eq!((ids, last, more), (vec![y, z], 4, true));
-        let x_data = |page: Vec<FeedEntry>| {
-            assert_eq!(page.len(), 1);
-            page.into_iter().next().expect("x").data
-        };
         let (page, _, _) = store
             .feed_since_shared(0, 4, 2, 1 << 20, 0, None)
             .expect("feed");
-        assert_eq!(x_data(page), b"sc1c2");
+        assert_eq!(only_data(page), b"sc1c2");
         let (page, _, _) = store
             .feed_for_bundle(0, 4, 2, 1 << 20, 0, None)
             .expect("feed");
-        assert_eq!(x_data(page), b"sc1c2");
+        assert_eq!(only_data(page), b"sc1c2");
         // A run that began at 2 holds x's first chunk: only the second goes.
         let (page, _, _) = store
             .feed_since_shared(2, 4, 2, 1 << 20, 0, None)
             .expect("feed");
-        assert_eq!(x_data(page), b"c2");
+        assert_eq!(only_data(page), b"c2");
         let (page, _, _) = store
             .feed_for_bundle(2, 4, 2, 1 << 20, 0, None)
             .expect("feed");
-        assert_eq!(x_data(page), b"c2");
+        assert_eq!(only_data(page), b"c2");
     }
 
     #[test]
@@ -1731,14 +1743,16 @@ mod tests {
         let (id, t) = (Uuid::now_v7(), Uuid::now_v7());
         // Seqs: snapshot 1, chunk 2, compaction 3 (a new snapshot, the chunk folded in),
         // chunk 4.
-        for data in [
-            DocData::Snapshot(b"s1".to_vec()),
-            DocData::Chunk(b"c2".to_vec()),
-            DocData::Snapshot(b"s3".to_vec()),
-            DocData::Chunk(b"c4".to_vec()),
-        ] {
-            store.commit(write(id, t, data, false)).expect("commit");
-        }
+        commit_all(
+            &store,
+            [
+                DocData::Snapshot(b"s1".to_vec()),
+                DocData::Chunk(b"c2".to_vec()),
+                DocData::Snapshot(b"s3".to_vec()),
+                DocData::Chunk(b"c4".to_vec()),
+            ]
+            .map(|d| (id, t, d)),
+        );
         assert_eq!(
             store
                 .doc_meta(id)
@@ -1747,10 +1761,7 @@ mod tests {
                 .snapshot_seq,
             3
         );
-        let data = |since| {
-            let (entries, _, _) = store.feed_since(since, 10, 1 << 20, 0).expect("feed");
-            entries.into_iter().next().expect("the document").data
-        };
+        let data = |since| only_data(store.feed_since(since, 10, 1 << 20, 0).expect("feed").0);
         // At 1 or 2 the reader lacks what the compaction folded in (its own chunk 2 is gone).
         assert_eq!(data(1), b"s3c4");
         assert_eq!(data(2), b"s3c4");
