@@ -107,7 +107,7 @@ impl Metrics {
         let incomplete_fetched = Gauge::default();
         registry.register(
             "sync_incomplete_fetched",
-            "Received documents that lacked earlier changes and were fetched again (a round trip each page)",
+            "Received documents that lacked earlier changes and were fetched again (each costs its page a round trip)",
             incomplete_fetched.clone(),
         );
         let messages_out = Gauge::default();

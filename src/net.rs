@@ -2784,8 +2784,12 @@ impl EventLoop {
                     }
                 }
                 if !fetch.is_empty() {
-                    INCOMPLETE_FETCHED
-                        .fetch_add(fetch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    // Counted once per document: a whole fetch after a fetch by heads is the
+                    // same document's second try.
+                    if fetched == Fetched::No {
+                        INCOMPLETE_FETCHED
+                            .fetch_add(fetch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let req = pb::Request {
                         version: wire::VERSION,
                         body: Some(pb::request::Body::Fetch(pb::Fetch { docs: fetch })),
