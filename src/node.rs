@@ -244,7 +244,7 @@ fn ensure_reserve(dir: &std::path::Path) {
     if std::fs::metadata(&path).is_ok_and(|m| m.len() as usize == RESERVE_BYTES) {
         return;
     }
-    if free_bytes(dir).is_some_and(|free| free < 2 * RESERVE_BYTES as u64) {
+    if crate::config::free_bytes(dir).is_some_and(|free| free < 2 * RESERVE_BYTES as u64) {
         tracing::warn!("the disk is nearly full: no reserve set aside; a full disk may keep the node from starting");
         return;
     }
@@ -252,18 +252,6 @@ fn ensure_reserve(dir: &std::path::Path) {
         let _ = std::fs::remove_file(&path);
         tracing::warn!(error = %e, "cannot set aside the disk reserve; a full disk may keep the node from starting");
     }
-}
-
-/// Bytes an unprivileged writer may still use on the file system holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills the zeroed struct from a NUL-terminated path; nothing else.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Whether the data directory takes writes again: room for half the reserve.

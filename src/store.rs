@@ -38,6 +38,8 @@ use uuid::Uuid;
 
 use crate::hlc::Hlc;
 
+mod rewrite;
+
 /// Longest a flush leader waits for writers already under way to apply their batches, so one
 /// fsync covers them too (PostgreSQL's `commit_delay`). A lone writer never waits.
 const GROUP_COMMIT_WAIT: Duration = Duration::from_micros(300);
@@ -492,6 +494,7 @@ impl Store {
 
     /// Open with a page cache of `cache_bytes` (sled's own accounting; it may overshoot).
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Store> {
+        rewrite::recover(path)?;
         let db = open_sled(path, cache_bytes)?;
         // sled's log file, to fdatasync after sled's own flush (see `Store::sync`).
         let log_file = std::fs::File::open(path.join("db"))
@@ -981,7 +984,14 @@ impl Store {
     /// since it started would otherwise pay that replay (seconds) at its next start. Done on
     /// a clean stop, the next start replays only what came after it. After a crash the next
     /// start pays it instead; nothing is lost either way.
+    ///
+    /// A store whose file has grown to several times its live data is also rewritten into a
+    /// fresh directory then (see [`rewrite`]); a rewrite that fails leaves the store as it was.
     pub fn close_with_checkpoint(self) -> Result<()> {
+        self.close_with(rewrite::Policy::default()).map(|_| ())
+    }
+
+    fn close_with(self, policy: rewrite::Policy) -> Result<Option<rewrite::Rewritten>> {
         self.flush_for_stop()?;
         let (path, cache_bytes) = (self.path.clone(), self.cache_bytes);
         drop(self);
@@ -989,16 +999,46 @@ impl Store {
         // Opening replays the log and writes the snapshot; dropping closes it again. Everything
         // is durable already: if that fails (sled cannot open a store on a full disk), the
         // next start replays the log, as after a crash.
-        match open_sled(&path, cache_bytes) {
-            Ok(db) => {
-                drop(db);
-                tracing::debug!(elapsed = ?t0.elapsed(), "store checkpointed");
-            }
+        let db = match open_sled(&path, cache_bytes) {
+            Ok(db) => db,
             Err(e) => {
-                tracing::warn!(error = %e, "store flushed but not checkpointed; the next start replays its log")
+                tracing::warn!(error = %e, "store flushed but not checkpointed; the next start replays its log");
+                return Ok(None);
+            }
+        };
+        tracing::debug!(elapsed = ?t0.elapsed(), "store checkpointed");
+        let live = match rewrite::due(&db, policy) {
+            Ok(Some(live)) => live,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether the store needs a rewrite; left as it is");
+                return Ok(None);
+            }
+        };
+        let file = db.size_on_disk().unwrap_or(0);
+        // The copy takes about 2.6x the live data; leave the disk some room besides.
+        let needed = 3 * live + (64 << 20);
+        if let Some(free) = crate::config::free_bytes(&path).filter(|f| *f < needed) {
+            tracing::info!(
+                file,
+                live,
+                free,
+                "the store's file holds several times its live data, but the disk lacks the room to rewrite it"
+            );
+            return Ok(None);
+        }
+        tracing::info!(
+            file,
+            live,
+            "the store's file holds several times its live data: rewriting it"
+        );
+        match rewrite::rewrite(&path, db, cache_bytes) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                tracing::warn!(error = %e, "store rewrite failed; the store is as it was");
+                Ok(None)
             }
         }
-        Ok(())
     }
 
     /// Make everything applied so far durable. sled 0.34 writes its log with
@@ -1560,10 +1600,24 @@ mod tests {
     use super::*;
 
     /// Commit `writes` in order, one write each (sequence numbers 1, 2, … in a new store).
-    fn commit_all(store: &Store, writes: impl IntoIterator<Item = (Uuid, Uuid, DocData)>) {
+    pub(super) fn commit_all(
+        store: &Store,
+        writes: impl IntoIterator<Item = (Uuid, Uuid, DocData)>,
+    ) {
         for (id, t, data) in writes {
             store.commit(write(id, t, data, false)).expect("commit");
         }
+    }
+
+    /// Every key and value but the node metadata (`M`), in key order.
+    pub(super) fn data_keys(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+        store
+            .db
+            .iter()
+            .map(|kv| kv.expect("read"))
+            .filter(|(k, _)| k[0] != b'M')
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
     }
 
     /// The bytes of the one document a feed page holds.
