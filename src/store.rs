@@ -6,7 +6,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `M` name | node metadata: HLC high-water mark, counters, open marker, sequence floor |
+//! | `M` name | node metadata: HLC high-water mark, counters, open marker, sequence floor, live bytes at the last rewrite check |
 //! | `H` doc id | [`DocMeta`]: kind, tracker, heads, change seq, chunk bookkeeping |
 //! | `S` doc id | compacted Automerge snapshot (`save()`) |
 //! | `C` doc id, chunk u32 BE | one incremental change chunk (`save_after(heads)`) |
@@ -1007,15 +1007,14 @@ impl Store {
             }
         };
         tracing::debug!(elapsed = ?t0.elapsed(), "store checkpointed");
-        let live = match rewrite::due(&db, policy) {
-            Ok(Some(live)) => live,
+        let (file, live) = match rewrite::due(&db, policy) {
+            Ok(Some(sizes)) => sizes,
             Ok(None) => return Ok(None),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot tell whether the store needs a rewrite; left as it is");
                 return Ok(None);
             }
         };
-        let file = db.size_on_disk().unwrap_or(0);
         // The copy takes about 2.6x the live data; leave the disk some room besides.
         let needed = 3 * live + (64 << 20);
         if let Some(free) = crate::config::free_bytes(&path).filter(|f| *f < needed) {

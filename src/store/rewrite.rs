@@ -15,9 +15,9 @@
 //! and is removed; `.rewrite` and `.old` with no store mean the crash fell between the
 //! renames, when the copy was already complete.
 //!
-//! Deciding costs a scan of the store, so it is not done at every stop: the live size found by
-//! the last scan is kept under [`META_SIZES`], and the next scan waits until the file has grown
-//! past [`RATIO`] times that.
+//! Deciding costs a scan of the store, so it is not done at every stop: the live size found
+//! by the last scan is kept under [`META_LIVE_BYTES`], and the next scan waits until the file
+//! has grown past [`RATIO`] times that.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,7 +34,7 @@ const MIN_FILE: u64 = 64 << 20;
 const BATCH_BYTES: usize = 8 << 20;
 
 /// The live bytes (keys and values) found by the last scan, u64 BE.
-const META_SIZES: &[u8] = b"Mlivebytes";
+const META_LIVE_BYTES: &[u8] = b"Mlivebytes";
 
 /// When to rewrite; tests lower the thresholds.
 #[derive(Clone, Copy, Debug)]
@@ -100,14 +100,14 @@ fn live_bytes(db: &sled::Db) -> Result<u64> {
     Ok(n)
 }
 
-/// Whether the closed store at `path`, open again as `db`, is worth a rewrite; returns its live
+/// Whether the store `db` (closed by everyone else) is worth a rewrite: its file size and live
 /// size if so. Otherwise records the live size it scanned, if it scanned.
-pub(super) fn due(db: &sled::Db, policy: Policy) -> Result<Option<u64>> {
+pub(super) fn due(db: &sled::Db, policy: Policy) -> Result<Option<(u64, u64)>> {
     let file = db.size_on_disk()?;
     if file < policy.min_file {
         return Ok(None);
     }
-    let last_live = match db.get(META_SIZES)? {
+    let last_live = match db.get(META_LIVE_BYTES)? {
         Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
             key: "Mlivebytes".into(),
             what: "live size",
@@ -119,9 +119,9 @@ pub(super) fn due(db: &sled::Db, policy: Policy) -> Result<Option<u64>> {
     }
     let live = live_bytes(db)?;
     if file > policy.ratio.saturating_mul(live) {
-        return Ok(Some(live));
+        return Ok(Some((file, live)));
     }
-    db.insert(META_SIZES, &live.to_be_bytes())?;
+    db.insert(META_LIVE_BYTES, &live.to_be_bytes())?;
     db.flush()?;
     Ok(None)
 }
@@ -191,7 +191,7 @@ fn copy(db: &sled::Db, to: &Path, cache_bytes: u64) -> Result<u64> {
         dst.apply_batch(batch)?;
         live += bytes as u64;
     }
-    new.insert(META_SIZES, &live.to_be_bytes())?;
+    new.insert(META_LIVE_BYTES, &live.to_be_bytes())?;
     new.flush()?;
     drop(new);
     sync_tree(to)?;
