@@ -333,6 +333,14 @@ mod tests {
         }
     }
 
+    /// Open the store in `dir`: it holds `before`, and nothing is left beside it.
+    fn open_whole(dir: &Path, before: &[(Vec<u8>, Vec<u8>)], when: &str) -> Store {
+        let store = Store::open(&dir.join("db")).unwrap_or_else(|e| panic!("open {when}: {e}"));
+        assert_eq!(data_keys(&store), before, "{when}");
+        assert!(leftovers(dir).is_empty(), "{when}: {:?}", leftovers(dir));
+        store
+    }
+
     #[test]
     fn an_interrupted_rewrite_is_undone_or_finished_at_the_next_open() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -344,35 +352,17 @@ mod tests {
         // Killed during the copy: the half-written copy goes, the store is as it was.
         std::fs::create_dir(dir.path().join("db.rewrite")).expect("mkdir");
         std::fs::write(dir.path().join("db.rewrite/db"), b"half a log").expect("write");
-        let store = Store::open(&db).expect("open after a killed copy");
-        assert_eq!(data_keys(&store), before);
-        assert!(
-            leftovers(dir.path()).is_empty(),
-            "{:?}",
-            leftovers(dir.path())
-        );
+        let store = open_whole(dir.path(), &before, "after a killed copy");
         store.close_with_checkpoint().expect("close");
 
         // Killed between the two renames: the complete copy becomes the store.
         copy_dir(&db, &dir.path().join("db.rewrite"));
         std::fs::rename(&db, dir.path().join("db.old")).expect("rename");
-        let store = Store::open(&db).expect("open after a kill between the renames");
-        assert_eq!(data_keys(&store), before);
-        assert!(
-            leftovers(dir.path()).is_empty(),
-            "{:?}",
-            leftovers(dir.path())
-        );
+        let store = open_whole(dir.path(), &before, "after a kill between the renames");
         store.close_with_checkpoint().expect("close");
 
         // Killed before removing the old store: it goes.
         copy_dir(&db, &dir.path().join("db.old"));
-        let store = Store::open(&db).expect("open after a kill before the removal");
-        assert_eq!(data_keys(&store), before);
-        assert!(
-            leftovers(dir.path()).is_empty(),
-            "{:?}",
-            leftovers(dir.path())
-        );
+        open_whole(dir.path(), &before, "after a kill before the removal");
     }
 }
