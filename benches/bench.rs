@@ -518,7 +518,7 @@ async fn local(seconds: f64, sizes: &[u64], clients: &[usize]) -> Result<()> {
                 json!({"bench": "cold_start", "items": n, "open": open, "start_s": node.started_in.as_secs_f64(), "rss_mb": rss, "peak_rss_mb": peak, "first_page_ms": first_read_ms}),
             );
             // A clean stop checkpoints the store, and rewrites it when its file holds
-            // several times its live data (the seeding leaves it at about 3x).
+            // several times its live data (the seeding leaves it at about 2.4x: left alone).
             let disk_before = dir_bytes(&dir.join("db"));
             let t2 = Instant::now();
             node.terminate().await?;
