@@ -347,6 +347,12 @@ fn field_key(name: &str) -> String {
     format!("{FIELD_PREFIX}{name}")
 }
 
+/// Whether a root key holds a field's register (not the item's identity, stamps or deleted
+/// flag).
+pub fn is_field_key(key: &str) -> bool {
+    key.starts_with(FIELD_PREFIX)
+}
+
 fn commit_options(hlc: Hlc) -> CommitOptions {
     // The change time is advisory in Automerge; we record wall-clock seconds for tools that show it.
     CommitOptions::default().with_time((hlc.wall_ms / 1000) as i64)

@@ -331,6 +331,13 @@ impl Repo {
         if let Err(why) = super::guard::check(&remote.data) {
             return Ok((Applied::Refused(format!("document {id}: {why}")), None));
         }
+        if guard.is_none() {
+            if let Some(m) = stored.as_ref() {
+                if let Some(appended) = self.try_append(&remote, m, from, ops) {
+                    return Ok(appended);
+                }
+            }
+        }
         // A document the store lacks has nothing to load (and costs no second lookup).
         let existing =
             (stored.is_some() || guard.is_some()) && self.ensure_loaded(id, guard)?.is_some();
@@ -509,6 +516,111 @@ impl Repo {
     }
 }
 
+impl Repo {
+    /// The common case of a catch-up or live edit, without decoding the document: `remote`
+    /// is one change that follows exactly the heads we hold (nothing concurrent), made of
+    /// field writes only, to an item we have stored and do not hold decoded. It is stored as
+    /// one more chunk; the item's tracker, deleted flag and display id cannot change. Returns
+    /// `None` when any of that does not hold, and the full merge decides.
+    ///
+    /// Why this is the same outcome as the merge: a change whose dependencies are all our
+    /// heads applies on top of everything we have, so the document's new heads are that
+    /// change alone, and the fields it writes take its values (an honest change overwrites
+    /// every value it saw, which is every value we hold). Validation matches the merge's:
+    /// the chunk parses, its checksum holds, every value is a register, and its stamps are
+    /// within the drift bound.
+    fn try_append(
+        &self,
+        remote: &RemoteDoc,
+        stored: &crate::store::DocMeta,
+        from: u64,
+        ops: Ops,
+    ) -> Option<(Applied, Option<(DocWrite, Uuid)>)> {
+        /// An uncompressed change chunk: magic bytes, checksum, then type 1.
+        const CHANGE_CHUNK: u8 = 1;
+        if remote.kind != DocKind::Item
+            || stored.kind != DocKind::Item
+            || remote.tracker != stored.tracker
+            || stored.chunks >= super::COMPACT_AFTER_CHUNKS
+            || remote.data.get(8) != Some(&CHANGE_CHUNK)
+        {
+            return None;
+        }
+        // Inside catch_unwind, as every Automerge call on a peer's bytes.
+        let parsed = catch_unwind(AssertUnwindSafe(|| {
+            let change = automerge::Change::try_from(remote.data.as_slice()).ok()?;
+            let hash = change.hash();
+            // Automerge checks this checksum when it loads the chunk; a chunk that failed it
+            // later would be skipped on load while our heads claimed it.
+            if remote.data.get(4..8) != Some(&hash.0[..4]) {
+                return None;
+            }
+            let mut deps: Vec<[u8; 32]> = change.deps().iter().map(|h| h.0).collect();
+            deps.sort_unstable();
+            let mut ours = stored.heads.clone();
+            ours.sort_unstable();
+            if deps != ours {
+                return None;
+            }
+            let mut max: Option<Hlc> = None;
+            for op in change.decode().operations {
+                let automerge::legacy::Key::Map(key) = &op.key else {
+                    return None;
+                };
+                let value = match (&op.obj, &op.action, op.insert) {
+                    (
+                        automerge::legacy::ObjectId::Root,
+                        automerge::legacy::OpType::Put(v),
+                        false,
+                    ) if crate::item::is_field_key(key) => v,
+                    _ => return None,
+                };
+                let automerge::ScalarValue::Bytes(b) = value else {
+                    return None;
+                };
+                let cell = crate::register::decode(b)?;
+                max = max.max(Some(cell.hlc));
+            }
+            Some((hash.0, max))
+        }))
+        .ok()
+        .flatten();
+        let (hash, max) = parsed?;
+        if let Some(m) = max {
+            let now = self.clock.now_ms();
+            let mut clock = self.hlc.lock().expect("hlc lock");
+            if let Err(e) = clock.observe(m, now) {
+                tracing::warn!(doc = %remote.id, error = %e, "remote change waits for the local clock");
+                return Some((Applied::Deferred(e.to_string()), None));
+            }
+        }
+        if !ops.update {
+            return Some((
+                Applied::NotAllowed(format!(
+                    "item {}: this peer may not update items",
+                    remote.id
+                )),
+                None,
+            ));
+        }
+        let source = if remote.heads == [hash] { from } else { 0 };
+        let write = DocWrite {
+            id: remote.id,
+            kind: DocKind::Item,
+            tracker: stored.tracker,
+            deleted: stored.deleted,
+            heads: vec![hash],
+            data: crate::store::DocData::Chunk(remote.data.clone()),
+            display_id: None,
+            tracker_name: None,
+            hlc: self.clock_last(),
+            source,
+            increment: None,
+        };
+        Some((Applied::Merged, Some((write, stored.tracker))))
+    }
+}
+
 /// Keys of the root map holding concurrent values.
 fn conflicted_keys(doc: &AutoCommit) -> usize {
     use automerge::ReadDoc;
@@ -643,6 +755,109 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(us.store().live_items(), 1);
+    }
+
+    /// A peer's edit that follows exactly what we hold is stored as a chunk without decoding
+    /// the document, and reads back (after a reopen too) as the full merge would give it;
+    /// anything else (a delete, a concurrent edit, a bad checksum) still goes through the
+    /// merge.
+    #[test]
+    fn a_change_on_top_of_our_heads_is_appended_without_decoding() {
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (peer, docs) = peer_docs(a.path());
+        let us = repo(b.path(), 1);
+        us.apply_remote(docs.clone(), 7).expect("apply");
+        let id = item_of(&docs).id;
+        let fields = |v: &str| json!({ "a": v }).as_object().cloned().expect("map");
+        let mut since = peer.store().last_seq();
+        let mut edit_on_peer = |f: &dyn Fn(&Repo)| {
+            f(&peer);
+            // As a peer that holds everything up to `since` pulls.
+            let (docs, last, _) = peer.feed(since, since, 100, 1 << 20, 0).expect("feed");
+            since = last;
+            item_of(&docs)
+        };
+        let cached = |r: &Repo| r.doc_cache_usage().0;
+
+        // An edit on top of our heads: appended; nothing decoded.
+        let edit = edit_on_peer(&|p| {
+            p.update_item(&id.to_string(), fields("y")).expect("edit");
+        });
+        let before = cached(&us);
+        let out = us.apply_remote(vec![edit.clone()], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::Merged);
+        assert_eq!(cached(&us), before, "the document was decoded");
+        let meta = us.store().doc_meta(id).expect("meta").expect("doc");
+        assert_eq!(
+            (meta.heads.clone(), meta.chunks, meta.source),
+            (edit.heads.clone(), 1, 7)
+        );
+        assert_eq!(
+            us.item(&id.to_string()).expect("item").fields["a"],
+            json!("y")
+        );
+
+        // The same chunk with its checksum broken: not appended, and our heads stay.
+        let second = edit_on_peer(&|p| {
+            p.update_item(&id.to_string(), fields("z")).expect("edit");
+        });
+        let mut broken = second.clone();
+        broken.data[4] ^= 0xff;
+        let out = us.apply_remote(vec![broken], 7).expect("apply");
+        assert_ne!(out[0].2, Applied::Merged);
+        assert_eq!(
+            us.store().doc_meta(id).expect("meta").expect("doc").heads,
+            edit.heads
+        );
+        // Whole, it applies (through the merge now: the item is decoded since the read).
+        let out = us.apply_remote(vec![second.clone()], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::Merged);
+
+        // A delete changes the item's index: merged in full, and the index follows.
+        let delete = edit_on_peer(&|p| {
+            p.delete_item(&id.to_string()).expect("delete");
+        });
+        us.close().expect("close");
+        let us = repo(b.path(), 1);
+        let before = cached(&us);
+        let out = us.apply_remote(vec![delete], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::Merged);
+        assert!(cached(&us) > before, "a delete is merged in full");
+        assert!(us.item(&id.to_string()).expect("item").deleted);
+        assert_eq!(us.store().live_items(), 0);
+
+        // Concurrent edits of one field: not on top of our heads, so merged, with a conflict.
+        us.restore_item(&id.to_string()).expect("restore");
+        let theirs = edit_on_peer(&|p| {
+            p.update_item(&id.to_string(), fields("theirs"))
+                .expect("edit");
+        });
+        us.update_item(&id.to_string(), fields("ours"))
+            .expect("edit");
+        let out = us.apply_remote(vec![theirs], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::MergedWithConflict);
+
+        // Appended chunks read back after a reopen: a third replica takes the whole feed, then
+        // one edit on top of it.
+        let c = tempfile::tempdir().expect("dir");
+        let third = repo(c.path(), 2);
+        let (docs, _, _) = peer.feed(0, 0, 100, 1 << 20, 0).expect("feed");
+        third.apply_remote(docs, 7).expect("apply");
+        let next = edit_on_peer(&|p| {
+            p.update_item(&id.to_string(), fields("v")).expect("edit");
+        });
+        let out = third.apply_remote(vec![next], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::Merged);
+        third.close().expect("close");
+        let third = repo(c.path(), 2);
+        let item = third.item(&id.to_string()).expect("item");
+        assert_eq!(
+            (item.fields["a"].clone(), item.deleted),
+            (json!("v"), false)
+        );
     }
 
     #[test]
