@@ -361,8 +361,14 @@ impl Repo {
             let mut doc = AutoCommit::load(&bytes.snapshot)?;
             for (n, chunk) in bytes.chunks.iter().enumerate() {
                 // A chunk that does not decode was never acknowledged (acks follow a flush of the
-                // whole batch); keep the good prefix rather than losing the document.
-                if let Err(e) = doc.load_incremental(chunk) {
+                // whole batch); keep the good prefix rather than losing the document. A peer's
+                // change appended without a merge (`Repo::try_append`) is applied here first,
+                // so a panic in Automerge is contained too.
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    doc.load_incremental(chunk).map_err(|e| e.to_string())
+                }))
+                .unwrap_or_else(|_| Err("automerge panicked".into()));
+                if let Err(e) = applied {
                     tracing::warn!(item = %id, chunk = n, error = %e, "ignoring undecodable chunk");
                     break;
                 }
