@@ -518,17 +518,18 @@ impl Repo {
 
 impl Repo {
     /// The common case of a catch-up or live edit, without decoding the document: `remote`
-    /// is one change that follows exactly the heads we hold (nothing concurrent), made of
-    /// field writes only, to an item we have stored and do not hold decoded. It is stored as
-    /// one more chunk; the item's tracker, deleted flag and display id cannot change. Returns
-    /// `None` when any of that does not hold, and the full merge decides.
+    /// is a run of changes, the first made on exactly the heads we stored and each next on the
+    /// one before (nothing concurrent), writing fields only, for an item we have stored and do
+    /// not hold decoded. It is stored as one more chunk; the item's tracker, deleted flag and
+    /// display id cannot change. Returns `None` when any of that does not hold, and the full
+    /// merge decides.
     ///
-    /// Why this is the same outcome as the merge: a change whose dependencies are all our
-    /// heads applies on top of everything we have, so the document's new heads are that
-    /// change alone, and the fields it writes take its values (an honest change overwrites
-    /// every value it saw, which is every value we hold). Validation matches the merge's:
-    /// the chunk parses, its checksum holds, every value is a register, and its stamps are
-    /// within the drift bound.
+    /// Why this is the same outcome as the merge: a change that depends on all our heads
+    /// applies on top of everything we have, and so does each change of the run on its
+    /// predecessor, so the document's new heads are the last change alone, and the fields
+    /// written take the run's values (an honest change overwrites every value it saw, which is
+    /// every value we hold). Validation matches the merge's: each chunk parses, its checksum
+    /// holds, every value is a register, and the stamps are within the drift bound.
     fn try_append(
         &self,
         remote: &RemoteDoc,
@@ -536,52 +537,57 @@ impl Repo {
         from: u64,
         ops: Ops,
     ) -> Option<(Applied, Option<(DocWrite, Uuid)>)> {
-        /// An uncompressed change chunk: magic bytes, checksum, then type 1.
-        const CHANGE_CHUNK: u8 = 1;
         if remote.kind != DocKind::Item
             || stored.kind != DocKind::Item
             || remote.tracker != stored.tracker
             || stored.chunks >= super::COMPACT_AFTER_CHUNKS
-            || remote.data.get(8) != Some(&CHANGE_CHUNK)
         {
             return None;
         }
+        let chunks = change_chunks(&remote.data)?;
         // Inside catch_unwind, as every Automerge call on a peer's bytes.
         let parsed = catch_unwind(AssertUnwindSafe(|| {
-            let change = automerge::Change::try_from(remote.data.as_slice()).ok()?;
-            let hash = change.hash();
-            // Automerge checks this checksum when it loads the chunk; a chunk that failed it
-            // later would be skipped on load while our heads claimed it.
-            if remote.data.get(4..8) != Some(&hash.0[..4]) {
-                return None;
-            }
-            let mut deps: Vec<[u8; 32]> = change.deps().iter().map(|h| h.0).collect();
-            deps.sort_unstable();
-            let mut ours = stored.heads.clone();
-            ours.sort_unstable();
-            if deps != ours {
-                return None;
-            }
+            let mut heads = stored.heads.clone();
+            heads.sort_unstable();
             let mut max: Option<Hlc> = None;
-            for op in change.decode().operations {
-                let automerge::legacy::Key::Map(key) = &op.key else {
+            let mut authors = std::collections::HashSet::new();
+            for chunk in chunks {
+                let change = automerge::Change::try_from(chunk).ok()?;
+                let hash = change.hash();
+                // Automerge checks this checksum when it loads the chunk; a chunk that failed
+                // it later would be skipped on load while our heads claimed it. Two changes of
+                // one author with one sequence number would be refused there too.
+                if chunk.get(4..8) != Some(&hash.0[..4])
+                    || !authors.insert((change.actor_id().clone(), change.seq()))
+                {
                     return None;
-                };
-                let value = match (&op.obj, &op.action, op.insert) {
-                    (
-                        automerge::legacy::ObjectId::Root,
-                        automerge::legacy::OpType::Put(v),
-                        false,
-                    ) if crate::item::is_field_key(key) => v,
-                    _ => return None,
-                };
-                let automerge::ScalarValue::Bytes(b) = value else {
+                }
+                let mut deps: Vec<[u8; 32]> = change.deps().iter().map(|h| h.0).collect();
+                deps.sort_unstable();
+                if deps != heads {
                     return None;
-                };
-                let cell = crate::register::decode(b)?;
-                max = max.max(Some(cell.hlc));
+                }
+                heads = vec![hash.0];
+                for op in change.decode().operations {
+                    let automerge::legacy::Key::Map(key) = &op.key else {
+                        return None;
+                    };
+                    let value = match (&op.obj, &op.action, op.insert) {
+                        (
+                            automerge::legacy::ObjectId::Root,
+                            automerge::legacy::OpType::Put(v),
+                            false,
+                        ) if crate::item::is_field_key(key) => v,
+                        _ => return None,
+                    };
+                    let automerge::ScalarValue::Bytes(b) = value else {
+                        return None;
+                    };
+                    let cell = crate::register::decode(b)?;
+                    max = max.max(Some(cell.hlc));
+                }
             }
-            Some((hash.0, max))
+            Some((heads[0], max))
         }))
         .ok()
         .flatten();
@@ -619,6 +625,37 @@ impl Repo {
         };
         Some((Applied::Merged, Some((write, stored.tracker))))
     }
+}
+
+/// Split bytes into Automerge chunks if every one is an uncompressed change: magic bytes (4),
+/// checksum (4), type (1 for a change), body length (LEB128), body.
+fn change_chunks(data: &[u8]) -> Option<Vec<&[u8]>> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const CHANGE_CHUNK: u8 = 1;
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        if rest.get(..4)? != MAGIC || *rest.get(8)? != CHANGE_CHUNK {
+            return None;
+        }
+        let (mut len, mut at, mut shift) = (0u64, 9usize, 0u32);
+        loop {
+            let b = *rest.get(at)?;
+            at += 1;
+            len |= u64::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 56 {
+                return None;
+            }
+        }
+        let end = at.checked_add(usize::try_from(len).ok()?)?;
+        out.push(rest.get(..end)?);
+        rest = &rest[end..];
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// Keys of the root map holding concurrent values.
@@ -846,6 +883,18 @@ mod tests {
         let third = repo(c.path(), 2);
         let (docs, _, _) = peer.feed(0, 0, 100, 1 << 20, 0).expect("feed");
         third.apply_remote(docs, 7).expect("apply");
+        // Two edits since: a run of two changes, each on the one before, appended as one.
+        let run = edit_on_peer(&|p| {
+            p.update_item(&id.to_string(), fields("u1")).expect("edit");
+            p.update_item(&id.to_string(), fields("u2")).expect("edit");
+        });
+        assert_eq!(change_chunks(&run.data).map(|c| c.len()), Some(2));
+        let before = cached(&third);
+        let out = third.apply_remote(vec![run.clone()], 7).expect("apply");
+        assert_eq!(out[0].2, Applied::Merged);
+        assert_eq!(cached(&third), before, "the document was decoded");
+        let meta = third.store().doc_meta(id).expect("meta").expect("doc");
+        assert_eq!((meta.heads, meta.chunks), (run.heads, 1));
         let next = edit_on_peer(&|p| {
             p.update_item(&id.to_string(), fields("v")).expect("edit");
         });
@@ -858,6 +907,40 @@ mod tests {
             (item.fields["a"].clone(), item.deleted),
             (json!("v"), false)
         );
+    }
+
+    #[test]
+    fn only_whole_uncompressed_change_chunks_split() {
+        let mut doc = AutoCommit::new();
+        let mut change = |v: &str| {
+            doc.put(automerge::ROOT, "k", v).expect("put");
+            doc.commit();
+            doc.get_last_local_change()
+                .expect("a change")
+                .raw_bytes()
+                .to_vec()
+        };
+        let (one, two) = (change("a"), change("b"));
+        let both = [one.clone(), two.clone()].concat();
+        assert_eq!(change_chunks(&one), Some(vec![one.as_slice()]));
+        assert_eq!(
+            change_chunks(&both),
+            Some(vec![one.as_slice(), two.as_slice()])
+        );
+        let mut document = one.clone();
+        document[8] = 0;
+        let mut endless = one[..9].to_vec();
+        endless.extend_from_slice(&[0xff; 12]);
+        for junk in [
+            &[][..],
+            &one[..one.len() - 1],
+            &both[..both.len() - 1],
+            &document,
+            &endless,
+            &one[1..],
+        ] {
+            assert_eq!(change_chunks(junk), None, "{junk:?}");
+        }
     }
 
     #[test]
