@@ -514,9 +514,7 @@ impl Repo {
         };
         Ok((applied, Some((write, tracker))))
     }
-}
 
-impl Repo {
     /// The common case of a catch-up or live edit, without decoding the document: `remote`
     /// is a run of changes, the first made on exactly the heads we stored and each next on the
     /// one before (nothing concurrent), writing fields only, for an item we have stored and do
@@ -529,7 +527,8 @@ impl Repo {
     /// predecessor, so the document's new heads are the last change alone, and the fields
     /// written take the run's values (an honest change overwrites every value it saw, which is
     /// every value we hold). Validation matches the merge's: each chunk parses, its checksum
-    /// holds, every value is a register, and the stamps are within the drift bound.
+    /// holds, every value is a register, the stamps are within the drift bound, and the
+    /// sender's heads are the run's last change.
     fn try_append(
         &self,
         remote: &RemoteDoc,
@@ -592,6 +591,11 @@ impl Repo {
         .ok()
         .flatten();
         let (hash, max) = parsed?;
+        // The sender holds exactly what we will (else something is missing: the merge finds
+        // it incomplete and fetches it).
+        if remote.heads != [hash] {
+            return None;
+        }
         if let Some(m) = max {
             let now = self.clock.now_ms();
             let mut clock = self.hlc.lock().expect("hlc lock");
@@ -609,7 +613,6 @@ impl Repo {
                 None,
             ));
         }
-        let source = if remote.heads == [hash] { from } else { 0 };
         let write = DocWrite {
             id: remote.id,
             kind: DocKind::Item,
@@ -620,7 +623,8 @@ impl Repo {
             display_id: None,
             tracker_name: None,
             hlc: self.clock_last(),
-            source,
+            // Holding exactly the sender's state, serving its pulls can skip this document.
+            source: from,
             increment: None,
         };
         Some((Applied::Merged, Some((write, stored.tracker))))
@@ -898,6 +902,11 @@ mod tests {
         let next = edit_on_peer(&|p| {
             p.update_item(&id.to_string(), fields("v")).expect("edit");
         });
+        // A sender naming a head the bytes do not carry: incomplete, as the merge finds it.
+        let mut more = next.clone();
+        more.heads.push([7; 32]);
+        let out = third.apply_remote(vec![more], 7).expect("apply");
+        assert!(matches!(out[0].2, Applied::Incomplete { .. }), "{out:?}");
         let out = third.apply_remote(vec![next], 7).expect("apply");
         assert_eq!(out[0].2, Applied::Merged);
         third.close().expect("close");
