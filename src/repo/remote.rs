@@ -444,13 +444,8 @@ impl Repo {
                 None,
             ));
         }
-        if let Some(m) = max {
-            let now = self.clock.now_ms();
-            let mut clock = self.hlc.lock().expect("hlc lock");
-            if let Err(e) = clock.observe(m, now) {
-                tracing::warn!(doc = %id, error = %e, "remote change waits for the local clock");
-                return Ok((Applied::Deferred(e.to_string()), None));
-            }
+        if let Some(waits) = self.observe_remote(id, max) {
+            return Ok((waits, None));
         }
         if remote.kind == DocKind::Item && ops != Ops::ALL {
             // The slot is empty here: a refused merge is dropped and reloads from disk.
@@ -513,6 +508,17 @@ impl Repo {
             Applied::Merged
         };
         Ok((applied, Some((write, tracker))))
+    }
+
+    /// Move our clock past a received document's highest stamp; one beyond the drift bound
+    /// is not applied yet ([`Applied::Deferred`]).
+    fn observe_remote(&self, id: Uuid, max: Option<Hlc>) -> Option<Applied> {
+        let m = max?;
+        let now = self.clock.now_ms();
+        let mut clock = self.hlc.lock().expect("hlc lock");
+        let e = clock.observe(m, now).err()?;
+        tracing::warn!(doc = %id, error = %e, "remote change waits for the local clock");
+        Some(Applied::Deferred(e.to_string()))
     }
 
     /// The common case of a catch-up or live edit, without decoding the document: `remote`
@@ -596,13 +602,8 @@ impl Repo {
         if remote.heads != [hash] {
             return None;
         }
-        if let Some(m) = max {
-            let now = self.clock.now_ms();
-            let mut clock = self.hlc.lock().expect("hlc lock");
-            if let Err(e) = clock.observe(m, now) {
-                tracing::warn!(doc = %remote.id, error = %e, "remote change waits for the local clock");
-                return Some((Applied::Deferred(e.to_string()), None));
-            }
+        if let Some(waits) = self.observe_remote(remote.id, max) {
+            return Some((waits, None));
         }
         if !ops.update {
             return Some((
