@@ -397,6 +397,8 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
     let mut slow = vec![false; nodes];
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     let mut heal_times: Vec<std::time::Duration> = Vec::new();
+    // Each node's peak RSS (KiB) over all its runs, read before every kill and at the end.
+    let mut peak_kib = vec![0u64; nodes];
     *faults.entry("clock skew").or_default() = lab.skew.iter().filter(|s| **s != "+0s").count();
     let started = Instant::now();
     let mut samples: Vec<Vec<(f64, u64, usize, u64)>> = vec![Vec::new(); nodes];
@@ -424,7 +426,9 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         let roll = rng.random_range(0..1000);
         let up = slots.iter().filter(|s| s.node.is_some()).count();
         if soak == 0 && roll < 8 && up > 1 && slots[i].node.is_some() {
-            slots[i].node.take().expect("up").kill().await;
+            let mut node = slots[i].node.take().expect("up");
+            peak_kib[i] = peak_kib[i].max(peak_rss(&node));
+            node.kill().await;
             *faults.entry("kill").or_default() += 1;
         } else if roll < 20 && slots[i].node.is_none() {
             slots[i].node = Some(start(&lab, i, &slots[i].dir).await);
@@ -571,6 +575,15 @@ async fn partitions_kills_and_concurrent_edits_converge_with_nothing_lost() {
         }
     }
     println!("converged {:?} after healing", healed.elapsed());
+    for (k, slot) in slots.iter().enumerate() {
+        peak_kib[k] = peak_kib[k].max(peak_rss(slot.node.as_ref().expect("up")));
+    }
+    let peak_mib: Vec<u64> = peak_kib.iter().map(|k| k / 1024).collect();
+    println!("peak RSS of each node over all its runs (MiB): {peak_mib:?}");
+    assert!(
+        peak_kib.iter().all(|k| *k > 0),
+        "peak RSS read: {peak_kib:?}"
+    );
     heal_times.sort();
     if let Some(max) = heal_times.last() {
         println!(
@@ -688,6 +701,11 @@ fn heal(lab: &mut Lab, down: &mut [bool], split: &mut bool, lossy: &mut [bool], 
             lab.faults[k].set_delay(0);
         }
     }
+}
+
+/// A running node's peak RSS in KiB (its `VmHWM`).
+fn peak_rss(n: &TestNode) -> u64 {
+    crate::support::peak_rss_kib(n.child.id().expect("pid"))
 }
 
 /// (minutes since start, RSS KiB, open descriptors, bytes in the data directory) of a node.
