@@ -12,8 +12,10 @@ use trackersync::cli::{Cli, Command};
 /// clients' edits of 500 items (460 edits/s, 32 MiB cache), RSS after 5 minutes: about 11
 /// blocking threads (the default's working set) 144 / 134 MiB, 8 threads 101 / 104, 4 threads
 /// 89 / 91, at the same edits per second; API writes per second at 1 and 8 clients were the
-/// same with 4, 8 and 512 (`trackersync-bench local`).
-const BLOCKING_THREADS: usize = 4;
+/// same with 4, 8 and 512 (`trackersync-bench local`). Two 30-minute soaks side by side (same
+/// seed) with 4 and with 2 threads ended at RSS 106-112 and 94-98 MiB, rising 0.93-1.05 and
+/// 0.73-0.83 MiB/min; writes per second, initial sync and catch-up did not move.
+const BLOCKING_THREADS: usize = 2;
 
 fn main() -> std::process::ExitCode {
     return_freed_memory_at_once();
