@@ -8,7 +8,8 @@
 //! missing; without them the run leaves their faults out and says so). After healing: every
 //! acknowledged write is on every node, no value nobody wrote, identical items everywhere,
 //! and every field equals the acknowledged write with the highest (HLC, node). The seed is
-//! printed; `TRACKERSYNC_SEED` replays a run. Short tier: 3 nodes, 2,000 operations; the
+//! printed; `TRACKERSYNC_SEED` replays a run; each node's peak RSS over all its runs is
+//! reported. Short tier: 3 nodes, 2,000 operations; the
 //! long tier is `TRACKERSYNC_PARTITION_NODES=5 TRACKERSYNC_PARTITION_OPS=100000`, and the
 //! soak `TRACKERSYNC_SOAK_SECS=1800` (steady load and partitions, no kills; each node's RSS,
 //! descriptors and disk sampled every 10 s and reported with the RSS slope; the run fails if
