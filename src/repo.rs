@@ -411,13 +411,17 @@ impl Repo {
                 DocData::Chunk(loaded.doc.save_after(&hashes(&m.heads))),
                 None,
             ),
-            // New documents and compaction: compressed (measured: 25% less disk per item
-            // through sled, no measurable throughput cost once mimalloc is in place).
             None if index.received.is_some() => (
                 DocData::Snapshot(index.received.take().unwrap_or_default()),
                 None,
             ),
-            None => (DocData::Snapshot(loaded.doc.save()), None),
+            // A new document is stored as the change that made it: a peer receiving a new
+            // item reads it from that change without loading a document (`Repo::try_create`),
+            // the save costs half a compressed document's, and pages of such changes deflate
+            // to less than half the bytes of compressed documents. Compaction saves a
+            // compressed document. (The change compressed on its own was tried; see
+            // benches/README.md, "New items as their change".)
+            None => (DocData::Snapshot(loaded.doc.save_after(&[])), None),
             // A live push carries the change, not the whole document.
             Some(m) => (
                 DocData::Snapshot(loaded.doc.save()),

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `M` name | node metadata: HLC high-water mark, counters, open marker, sequence floor, live bytes at the last rewrite check |
 //! | `H` doc id | [`DocMeta`]: kind, tracker, heads, change seq, chunk bookkeeping |
-//! | `S` doc id | compacted Automerge snapshot (`save()`) |
+//! | `S` doc id | snapshot: a new document's change (`save_after(&[])`), or compacted (`save()`) |
 //! | `C` doc id, chunk u32 BE | one incremental change chunk (`save_after(heads)`) |
 //! | `Q` seq u64 BE | doc id: the changes feed, one entry per document at its latest seq |
 //! | `T` tracker id | (empty) list of trackers |

@@ -334,3 +334,126 @@ fn history_lists_changes_oldest_first() {
     assert_eq!(hist[2].deleted, Some(true));
     assert!(hist.windows(2).all(|w| w[0].hlc < w[1].hlc));
 }
+
+/// How one root key of a generated first change is written.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// As `ItemDoc::create` writes it.
+    Honest,
+    /// The other value type (bytes for a string key, a string for a register).
+    WrongType,
+    /// Bytes that do not decode as a cell (a string that is not an id, for identity keys).
+    Garbage,
+    Absent,
+}
+
+fn shape() -> impl Strategy<Value = Shape> {
+    prop_oneof![
+        6 => Just(Shape::Honest),
+        1 => Just(Shape::WrongType),
+        1 => Just(Shape::Garbage),
+        1 => Just(Shape::Absent),
+    ]
+}
+
+fn json_value() -> impl Strategy<Value = Option<Json>> {
+    prop_oneof![
+        Just(None),
+        any::<i64>().prop_map(|n| Some(json!(n))),
+        "[a-z ]{0,12}".prop_map(|s| Some(json!(s))),
+        any::<bool>().prop_map(|b| Some(json!(b))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A receiver reads a new item from its first change alone (`view_of_creation`) only when
+    /// that gives exactly what loading the document gives, and always for honest creations.
+    #[test]
+    fn a_creation_change_reads_as_the_loaded_document(
+        shapes in prop::collection::vec(shape(), 5),
+        fields in prop::collection::vec(("[a-c]", json_value(), 0u64..5), 0..6),
+        deleted in prop::option::of((any::<bool>(), 0u64..5)),
+        unknown_key in any::<bool>(),
+        other_actor in any::<bool>(),
+        origin_policy in any::<bool>(),
+    ) {
+        let origin = node(0);
+        let tracker = Uuid::from_bytes([8; 16]);
+        let id = Uuid::from_bytes([9; 16]);
+        let stamp = |w: u64| Hlc { wall_ms: 1_000 + w, logical: 0, node: origin };
+        let policy = if origin_policy { ConflictPolicy::Origin } else { ConflictPolicy::Newer };
+        let mut root = RootBuilder::default();
+        let put_str = |root: &mut RootBuilder, key: &str, value: String, shape: Shape| match shape {
+            Shape::Honest => root.str(key, value),
+            Shape::WrongType => root.bytes(key, value.into_bytes()),
+            Shape::Garbage => root.str(key, "not an id".into()),
+            Shape::Absent => {}
+        };
+        put_str(&mut root, KEY_TRACKER, tracker.to_string(), shapes[0]);
+        put_str(&mut root, KEY_ORIGIN, origin.to_string(), shapes[1]);
+        put_str(&mut root, KEY_DISPLAY, "x-1".into(), shapes[2]);
+        let put_cell = |root: &mut RootBuilder, key: &str, cell: Vec<u8>, shape: Shape| match shape {
+            Shape::Honest => root.bytes(key, cell),
+            Shape::WrongType => root.str(key, "a string".into()),
+            Shape::Garbage => root.bytes(key, vec![7; 3]),
+            Shape::Absent => {}
+        };
+        put_cell(&mut root, KEY_CREATED, register::encode(stamp(0), None), shapes[3]);
+        for (name, value, w) in &fields {
+            root.bytes(&field_key(name), register::encode(stamp(*w), value.as_ref()));
+        }
+        if let Some((d, w)) = deleted {
+            put_cell(&mut root, KEY_DELETED, register::encode(stamp(w), Some(&json!(d))), shapes[4]);
+        }
+        if unknown_key {
+            root.str("z", "ignored".into());
+        }
+        let mut doc = root.build(if other_actor { node(1) } else { origin }).expect("build");
+        doc.commit_with(commit_options(stamp(0)));
+        let bytes = doc.save_after(&[]);
+
+        let change = automerge::Change::try_from(&bytes[..]).expect("one change");
+        let fast = view_of_creation(id, &change, |_| policy);
+        let mut loaded = AutoCommit::load(&bytes).expect("load");
+        let full = ItemDoc::new(&mut loaded).view_by(id, |_| policy);
+        if let Some(fast) = &fast {
+            prop_assert_eq!(Some(fast), full.as_ref().ok());
+        }
+        let honest = shapes.iter().take(4).all(|s| matches!(s, Shape::Honest))
+            && (deleted.is_none() || matches!(shapes[4], Shape::Honest))
+            && !unknown_key
+            && !other_actor;
+        if honest {
+            prop_assert!(fast.is_some(), "an honest creation is read from its change");
+        }
+    }
+}
+
+#[test]
+fn only_a_first_change_reads_as_a_creation() {
+    let h = |w| Hlc {
+        wall_ms: w,
+        logical: 0,
+        node: node(0),
+    };
+    let mut d = ItemDoc::create(
+        node(0),
+        Uuid::nil(),
+        "x-1",
+        h(10),
+        &[("a".into(), Some(json!(1)))],
+    )
+    .expect("create");
+    let first = d.get_last_local_change().expect("created").clone();
+    assert!(view_of_creation(Uuid::nil(), &first, |_| ConflictPolicy::Newer).is_some());
+    ItemDoc::new(&mut d)
+        .set_fields(h(20), &[("a".into(), Some(json!(2)))])
+        .expect("set");
+    let second = d.get_last_local_change().expect("edited").clone();
+    assert!(
+        view_of_creation(Uuid::nil(), &second, |_| ConflictPolicy::Newer).is_none(),
+        "an edit depends on the creation and overwrites its value"
+    );
+}

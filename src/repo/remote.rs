@@ -332,10 +332,12 @@ impl Repo {
             return Ok((Applied::Refused(format!("document {id}: {why}")), None));
         }
         if guard.is_none() {
-            if let Some(m) = stored.as_ref() {
-                if let Some(appended) = self.try_append(&remote, m, from, ops) {
-                    return Ok(appended);
-                }
+            let fast = match stored.as_ref() {
+                Some(m) => self.try_append(&remote, m, from, ops),
+                None => self.try_create(&remote, from, ops),
+            };
+            if let Some(done) = fast {
+                return Ok(done);
             }
         }
         // A document the store lacks has nothing to load (and costs no second lookup).
@@ -519,6 +521,80 @@ impl Repo {
         let e = clock.observe(m, now).err()?;
         tracing::warn!(doc = %id, error = %e, "remote change waits for the local clock");
         Some(Applied::Deferred(e.to_string()))
+    }
+
+    /// The common case of an initial sync, without decoding the document: `remote` is an item
+    /// new to us whose bytes are the one change that created it, as the origin stores a new
+    /// item. Its view comes from the change's operations ([`crate::item::view_of_creation`]),
+    /// and the bytes are stored as they came. Returns `None` when any of that does not hold,
+    /// and the full merge decides.
+    ///
+    /// Validation matches the merge's: the chunk parses, its checksum holds, the change is a
+    /// well-formed item (tracker, origin and creation stamp; every other value a register), it
+    /// names the tracker the sender claims, its stamps are within the drift bound, and the
+    /// sender's heads are this change.
+    fn try_create(
+        &self,
+        remote: &RemoteDoc,
+        from: u64,
+        ops: Ops,
+    ) -> Option<(Applied, Option<(DocWrite, Uuid)>)> {
+        if remote.kind != DocKind::Item {
+            return None;
+        }
+        // One change chunk, as the origin stores it or compressed; `Change::try_from` refuses
+        // anything after it.
+        let chunk = &remote.data[..];
+        if !matches!(chunk.get(8), Some(1 | 2)) {
+            return None;
+        }
+        // Inside catch_unwind, as every Automerge call on a peer's bytes.
+        let parsed = catch_unwind(AssertUnwindSafe(|| {
+            let change = automerge::Change::try_from(chunk).ok()?;
+            let hash = change.hash();
+            // The checksum Automerge checks when it loads the chunk (see `try_append`).
+            if chunk.get(4..8) != Some(&hash.0[..4]) {
+                return None;
+            }
+            let (view, max) =
+                crate::item::view_of_creation(remote.id, &change, |t| self.policy_of(t))?;
+            Some((hash, view, max))
+        }))
+        .ok()
+        .flatten();
+        let (hash, view, max) = parsed?;
+        // Anything else (a document the sender holds more of, another tracker) the merge
+        // fetches or refuses.
+        if remote.heads != [hash.0] || view.tracker != remote.tracker {
+            return None;
+        }
+        if let Some(waits) = self.observe_remote(remote.id, max) {
+            return Some((waits, None));
+        }
+        if !ops.create {
+            return Some((
+                Applied::NotAllowed(format!(
+                    "item {}: this peer may not create items",
+                    remote.id
+                )),
+                None,
+            ));
+        }
+        let write = DocWrite {
+            id: remote.id,
+            kind: DocKind::Item,
+            tracker: view.tracker,
+            deleted: view.deleted,
+            heads: vec![hash.0],
+            data: crate::store::DocData::Snapshot(remote.data.clone()),
+            display_id: Some(view.display_id).filter(|d| !d.is_empty()),
+            tracker_name: None,
+            hlc: self.clock_last(),
+            // Holding exactly the sender's state, serving its pulls can skip this document.
+            source: from,
+            increment: None,
+        };
+        Some((Applied::Merged, Some((write, view.tracker))))
     }
 
     /// The common case of a catch-up or live edit, without decoding the document: `remote`
@@ -779,6 +855,116 @@ mod tests {
         assert_eq!(ahead.heads, heads_we_have);
         let whole = peer.fetch(item.id, &[]).expect("fetch").expect("whole");
         assert!(!whole.data.is_empty());
+    }
+
+    /// A new item sent as the change that created it (as it is, or compressed) is stored
+    /// without decoding it (`try_create`), and ends exactly as a full merge of the same
+    /// item (sent whole, as a fetch answers) leaves it: view, heads and index.
+    #[test]
+    fn a_new_item_read_from_its_change_ends_as_a_full_merge() {
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
+        let (peer, docs) = peer_docs(dirs[0].path());
+        let long = "a long value that makes the change worth compressing ".repeat(8);
+        peer.create_item("t", json!({ "a": long }).as_object().cloned().expect("map"))
+            .expect("item");
+        let (docs_now, _, _) = peer.feed(0, 0, 100, 1 << 20, 0).expect("feed");
+        let items: Vec<RemoteDoc> = docs_now
+            .into_iter()
+            .filter(|d| d.kind == DocKind::Item)
+            .collect();
+        let item = item_of(&docs);
+        let tracker: Vec<RemoteDoc> = docs
+            .iter()
+            .filter(|d| d.kind == DocKind::Tracker)
+            .cloned()
+            .collect();
+        let (fast, full) = (repo(dirs[1].path(), 1), repo(dirs[2].path(), 2));
+        for us in [&fast, &full] {
+            us.apply_remote(tracker.clone(), 7).expect("tracker");
+        }
+        let mut chunk_types = Vec::new();
+        for doc in &items {
+            let change = automerge::Change::try_from(&doc.data[..]).expect("one change");
+            assert!(
+                change.deps().is_empty(),
+                "a new item travels as the change that made it"
+            );
+            // Compressed on its own, the same change reads the same way.
+            let mut compressed = change.clone();
+            let compressed = RemoteDoc {
+                data: compressed.bytes().into_owned(),
+                ..doc.clone()
+            };
+            chunk_types.push((doc.data[8], compressed.data[8]));
+            assert!(
+                matches!(
+                    fast.try_create(&compressed, 7, Ops::ALL),
+                    Some((Applied::Merged, Some(_)))
+                ),
+                "read from the compressed change"
+            );
+            let whole = peer.fetch(doc.id, &[]).expect("fetch").expect("whole");
+            assert!(
+                automerge::Change::try_from(&whole.data[..]).is_err(),
+                "a fetch sends a document"
+            );
+            assert!(
+                matches!(
+                    fast.try_create(doc, 7, Ops::ALL),
+                    Some((Applied::Merged, Some(_)))
+                ),
+                "read from the change"
+            );
+            assert!(
+                full.try_create(&whole, 7, Ops::ALL).is_none(),
+                "a document is loaded"
+            );
+            for (us, bytes) in [(&fast, doc.clone()), (&full, whole)] {
+                let out = us.apply_remote(vec![bytes], 7).expect("apply");
+                assert_eq!(out[0].2, Applied::Merged);
+            }
+            let id = doc.id.to_string();
+            let want = peer.item(&id).expect("peer's view");
+            for us in [&fast, &full] {
+                assert_eq!(us.item(&id).expect("view"), want);
+                let meta = us.store().doc_meta(doc.id).expect("meta").expect("stored");
+                assert_eq!(
+                    (meta.heads, meta.deleted, meta.tracker),
+                    (doc.heads.clone(), false, doc.tracker)
+                );
+                assert_eq!(
+                    us.store()
+                        .item_by_display_id(&want.display_id)
+                        .expect("index"),
+                    Some(doc.id)
+                );
+            }
+        }
+        chunk_types.sort_unstable();
+        assert_eq!(
+            chunk_types,
+            [(1, 1), (1, 2)],
+            "too small to compress, and compressed"
+        );
+
+        // What the merge refuses or holds back, the shortcut does too.
+        let us = repo(dirs[3].path(), 3);
+        us.apply_remote(tracker, 7).expect("tracker");
+        let other_tracker = RemoteDoc {
+            tracker: Uuid::from_bytes([5; 16]),
+            ..item.clone()
+        };
+        let out = us.apply_remote(vec![other_tracker], 7).expect("apply");
+        assert!(matches!(out[0].2, Applied::Refused(_)), "{out:?}");
+        let no_create = Ops {
+            create: false,
+            ..Ops::ALL
+        };
+        let out = us
+            .apply_remote_allowed(vec![item.clone()], 7, no_create)
+            .expect("apply");
+        assert!(matches!(out[0].2, Applied::NotAllowed(_)), "{out:?}");
+        assert_eq!(us.store().live_items(), 0, "nothing stored");
     }
 
     #[test]
