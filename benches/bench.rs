@@ -755,7 +755,7 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     .await?;
     let (k, _) = edit_round(&a, &page_ids, n, 1).await?;
     // Done when B's checkpoint on A reaches A's last change: applied, durable and recorded
-    // (B's own sequence number moves before that, and the next scenario kills B).
+    // (B's own sequence number moves before that, and the next scenario stops B).
     let a_seq = a.metric("trackersync_change_seq").await;
     let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
     let t0 = Instant::now();
@@ -776,12 +776,12 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     })
     .await?;
 
-    // 3. Catch-up after a restart: B offline while 1% of items change on A (round 2), then B
-    // restarts and catches up.
-    b.stop().await;
+    // 3. Catch-up after a restart: B exits (a clean stop, as the peer harnesses' B1 exits),
+    // 1% of items change on A (round 2), then B restarts and catches up.
+    b.terminate().await?;
     let (k, edit_bytes) = edit_round(&a, &page_ids, n, 2).await?;
     // Done when B's checkpoint on A reaches A's last change. (Not B's own sequence number:
-    // after a kill it resumes numbering past a gap, see `Store::open`.)
+    // after a crash it resumes numbering past a gap, see `Store::open`.)
     let a_seq = a.metric("trackersync_change_seq").await;
     let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
     let a_payload0 = a.metric("trackersync_sync_payload_bytes_sent").await;
