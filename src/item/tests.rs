@@ -307,25 +307,37 @@ fn newer_stamp_beats_automerge_actor_order() {
     }
 }
 
-#[test]
-fn history_lists_changes_oldest_first() {
-    let h = |w| Hlc {
+/// A stamp of node 0 at wall time `w`.
+fn at(w: u64) -> Hlc {
+    Hlc {
         wall_ms: w,
         logical: 0,
         node: node(0),
-    };
-    let mut d = ItemDoc::create(
+    }
+}
+
+/// An item node 0 created at wall time 10, with field `a` = 1.
+fn item_with_a() -> AutoCommit {
+    ItemDoc::create(
         node(0),
         Uuid::nil(),
         "x-1",
-        h(10),
+        at(10),
         &[("a".into(), Some(json!(1)))],
     )
-    .expect("create");
+    .expect("create")
+}
+
+#[test]
+fn history_lists_changes_oldest_first() {
+    let mut d = item_with_a();
     let mut doc = ItemDoc::new(&mut d);
-    doc.set_fields(h(20), &[("a".into(), None), ("b".into(), Some(json!("x")))])
-        .expect("set");
-    doc.set_deleted(h(30), true).expect("delete");
+    doc.set_fields(
+        at(20),
+        &[("a".into(), None), ("b".into(), Some(json!("x")))],
+    )
+    .expect("set");
+    doc.set_deleted(at(30), true).expect("delete");
     let hist = doc.history();
     assert_eq!(hist.len(), 3);
     assert_eq!(hist[0].fields["a"], Some(json!(1)));
@@ -433,23 +445,11 @@ proptest! {
 
 #[test]
 fn only_a_first_change_reads_as_a_creation() {
-    let h = |w| Hlc {
-        wall_ms: w,
-        logical: 0,
-        node: node(0),
-    };
-    let mut d = ItemDoc::create(
-        node(0),
-        Uuid::nil(),
-        "x-1",
-        h(10),
-        &[("a".into(), Some(json!(1)))],
-    )
-    .expect("create");
+    let mut d = item_with_a();
     let first = d.get_last_local_change().expect("created").clone();
     assert!(view_of_creation(Uuid::nil(), &first, |_| ConflictPolicy::Newer).is_some());
     ItemDoc::new(&mut d)
-        .set_fields(h(20), &[("a".into(), Some(json!(2)))])
+        .set_fields(at(20), &[("a".into(), Some(json!(2)))])
         .expect("set");
     let second = d.get_last_local_change().expect("edited").clone();
     assert!(
