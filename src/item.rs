@@ -340,8 +340,8 @@ impl RootParts {
 }
 
 /// The item a creation change makes, read from the change alone, without building a document
-/// (a tenth of the cost of loading one): what [`ItemDoc::view_by`] gives for a document holding
-/// only this change. `None` unless the change is exactly what [`ItemDoc::create`] writes: the
+/// (for a 10-field item, parsing and decoding the change takes 10.5 µs, loading the document
+/// 38 µs): what [`ItemDoc::view_by`] gives for a document holding only this change. `None` unless the change is exactly what [`ItemDoc::create`] writes: the
 /// origin node's first change (no dependencies, sequence number 1, first operation 1, no other
 /// actors), made of puts of distinct root keys that overwrite nothing, each identity key a
 /// string and each other key a register cell. Anything else is left to a full load.
