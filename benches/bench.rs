@@ -57,6 +57,10 @@ enum Cmd {
         /// a profiler more to see).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
         changed_percent: u64,
+        /// Close B (a clean stop) and open it again before the catch-up, as a node restarts:
+        /// its caches are cold, as in `sync`'s catch-up after a restart.
+        #[arg(long)]
+        cold: bool,
     },
     /// Bundles: export N items on a running node, import them into a fresh one (both through
     /// the real CLI), then connect the pair after 1% changed and measure what sync moves.
@@ -99,6 +103,10 @@ enum Cmd {
         /// Live edits timed.
         #[arg(long, default_value_t = 1000)]
         live: usize,
+        /// Times the catch-up after a restart is run (each a fresh 1% of the items); the
+        /// medians are reported.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        restarts: u64,
     },
 }
 
@@ -117,7 +125,8 @@ async fn main() -> Result<()> {
             source,
             threads,
             changed_percent,
-        } => apply_bench(items, source, threads, changed_percent).await,
+            cold,
+        } => apply_bench(items, source, threads, changed_percent, cold).await,
         Cmd::Compare {
             items,
             systems,
@@ -132,9 +141,13 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Sync { items, live } => {
+        Cmd::Sync {
+            items,
+            live,
+            restarts,
+        } => {
             for n in items {
-                sync_bench(n, live).await?;
+                sync_bench(n, live, restarts as usize).await?;
             }
             Ok(())
         }
@@ -588,6 +601,7 @@ async fn apply_bench(
     source: Option<PathBuf>,
     threads: usize,
     changed_percent: u64,
+    cold: bool,
 ) -> Result<()> {
     use trackersync::config::{Identity, DIR_DB};
     use trackersync::hlc::SystemClock;
@@ -609,10 +623,10 @@ async fn apply_bench(
         )?)
     };
     let a = open(&src)?;
-    let b = open(&scratch.0.join("b"))?;
+    let mut b = open(&scratch.0.join("b"))?;
     // Pages of A's feed after `since`, applied to B as a node applies a received page (its
     // items split between two threads).
-    let transfer = |since: u64, ids: &mut Vec<String>| -> Result<Transfer> {
+    let transfer = |b: &Repo, since: u64, ids: &mut Vec<String>| -> Result<Transfer> {
         let mut t = Transfer {
             last: since,
             ..Transfer::default()
@@ -633,7 +647,6 @@ async fn apply_bench(
             if threads > 1 {
                 let mut items = items;
                 let half = items.split_off(items.len() / 2);
-                let b = &b;
                 std::thread::scope(|s| -> Result<()> {
                     let h = s.spawn(move || b.apply_remote(half, 1));
                     b.apply_remote(items, 1)?;
@@ -652,7 +665,7 @@ async fn apply_bench(
         }
     };
     let mut ids = Vec::new();
-    let first = transfer(0, &mut ids)?;
+    let first = transfer(&b, 0, &mut ids)?;
     emit(
         json!({"bench": "apply", "n": n, "threads": threads, "docs": first.docs, "bytes": first.bytes, "serve_s": first.serve.as_secs_f64(),
         "apply_s": first.apply.as_secs_f64(), "apply_us_per_doc": first.apply.as_secs_f64() * 1e6 / first.docs as f64,
@@ -668,9 +681,13 @@ async fn apply_bench(
         let fields = catchup_fields(format!("updated ({id})"));
         a.update_item(id, fields.as_object().cloned().context("fields")?)?;
     }
-    let catch_up = transfer(first.last, &mut Vec::new())?;
+    if cold {
+        b.close()?;
+        b = open(&scratch.0.join("b"))?;
+    }
+    let catch_up = transfer(&b, first.last, &mut Vec::new())?;
     emit(
-        json!({"bench": "apply", "scenario": "catch_up", "n": n, "threads": threads, "edited": edited.len(), "docs": catch_up.docs,
+        json!({"bench": "apply", "scenario": "catch_up", "n": n, "threads": threads, "cold": cold, "edited": edited.len(), "docs": catch_up.docs,
         "bytes": catch_up.bytes, "serve_s": catch_up.serve.as_secs_f64(), "apply_s": catch_up.apply.as_secs_f64(),
         "apply_us_per_doc": catch_up.apply.as_secs_f64() * 1e6 / catch_up.docs.max(1) as f64,
         "cpu_us_per_doc": catch_up.cpu_s * 1e6 / catch_up.docs.max(1) as f64}),
@@ -710,7 +727,7 @@ where
     }
 }
 
-async fn sync_bench(n: u64, live: usize) -> Result<()> {
+async fn sync_bench(n: u64, live: usize, restarts: usize) -> Result<()> {
     let scratch = Scratch::new(&format!("sync-{n}"))?;
     let (a_dir, b_dir) = (scratch.0.join("a"), scratch.0.join("b"));
     let t0 = Instant::now();
@@ -777,29 +794,57 @@ async fn sync_bench(n: u64, live: usize) -> Result<()> {
     .await?;
 
     // 3. Catch-up after a restart: B exits (a clean stop, as the peer harnesses' B1 exits),
-    // 1% of items change on A (round 2), then B restarts and catches up.
-    b.terminate().await?;
-    let (k, edit_bytes) = edit_round(&a, &page_ids, n, 2).await?;
-    // Done when B's checkpoint on A reaches A's last change. (Not B's own sequence number:
-    // after a crash it resumes numbering past a gap, see `Store::open`.)
-    let a_seq = a.metric("trackersync_change_seq").await;
-    let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
-    let a_payload0 = a.metric("trackersync_sync_payload_bytes_sent").await;
-    let t0 = Instant::now();
-    b = RunningNode::start(&b_dir, &LISTEN).await?;
-    let spawn_to_api = t0.elapsed();
-    until(limit, "catch-up", || checkpoint_reaches(&b, a_seq)).await?;
-    let secs = t0.elapsed().as_secs_f64();
-    let sent = a.metric("trackersync_sync_bytes_sent").await - a_sent0;
-    // The same messages before compression (deflate protocol).
-    let payload = a.metric("trackersync_sync_payload_bytes_sent").await - a_payload0;
-    let b_in = b.metric("trackersync_sync_bytes_received").await;
-    let b_out = b.metric("trackersync_sync_bytes_sent").await;
-    emit(
-        json!({"bench": "sync", "scenario": "catch_up_restart", "n": n, "items": k, "seconds_from_spawn": secs,
-        "seconds_after_api_up": secs - spawn_to_api.as_secs_f64(), "api_listening_s": b.listening_in.as_secs_f64(), "status_answered_s": b.started_in.as_secs_f64(), "bytes_a_to_b": sent, "payload_bytes_a_to_b": payload, "bytes_b_in": b_in, "bytes_b_out": b_out,
-        "edit_json_bytes": edit_bytes, "peak_rss_mb_b": b.rss_mb().1}),
-    );
+    // 1% of items change on A (rounds 2, 3, ...), then B restarts and catches up; `restarts`
+    // times, each run printed, then the medians (one run on a shared machine is noisy).
+    let mut runs: Vec<Json> = Vec::with_capacity(restarts);
+    for round in 2..2 + restarts as u64 {
+        b.terminate().await?;
+        let (k, edit_bytes) = edit_round(&a, &page_ids, n, round).await?;
+        // Done when B's checkpoint on A reaches A's last change. (Not B's own sequence
+        // number: after a crash it resumes numbering past a gap, see `Store::open`.)
+        let a_seq = a.metric("trackersync_change_seq").await;
+        let a_sent0 = a.metric("trackersync_sync_bytes_sent").await;
+        let a_payload0 = a.metric("trackersync_sync_payload_bytes_sent").await;
+        let t0 = Instant::now();
+        b = RunningNode::start(&b_dir, &LISTEN).await?;
+        let spawn_to_api = t0.elapsed();
+        until(limit, "catch-up", || checkpoint_reaches(&b, a_seq)).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        let sent = a.metric("trackersync_sync_bytes_sent").await - a_sent0;
+        // The same messages before compression (deflate protocol).
+        let payload = a.metric("trackersync_sync_payload_bytes_sent").await - a_payload0;
+        let b_in = b.metric("trackersync_sync_bytes_received").await;
+        let b_out = b.metric("trackersync_sync_bytes_sent").await;
+        let run = json!({"bench": "sync", "scenario": "catch_up_restart_run", "n": n, "round": round, "items": k, "seconds_from_spawn": secs,
+            "seconds_after_api_up": secs - spawn_to_api.as_secs_f64(), "api_listening_s": b.listening_in.as_secs_f64(), "status_answered_s": b.started_in.as_secs_f64(), "bytes_a_to_b": sent, "payload_bytes_a_to_b": payload, "bytes_b_in": b_in, "bytes_b_out": b_out,
+            "edit_json_bytes": edit_bytes, "peak_rss_mb_b": b.rss_mb().1});
+        if restarts > 1 {
+            emit(run.clone());
+        }
+        runs.push(run);
+    }
+    // The times are the runs' medians; bytes, items and RSS are the last run's.
+    let mut summary = runs.last().cloned().context("no restart run")?;
+    if let Some(fields) = summary.as_object_mut() {
+        fields.remove("round");
+    }
+    summary["scenario"] = json!("catch_up_restart");
+    summary["runs"] = json!(restarts);
+    for key in [
+        "seconds_from_spawn",
+        "seconds_after_api_up",
+        "api_listening_s",
+        "status_answered_s",
+    ] {
+        let mut xs: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
+        xs.sort_by(f64::total_cmp);
+        summary[key] = json!(xs[xs.len() / 2]);
+        if restarts > 1 {
+            summary[format!("{key}_min")] = json!(xs[0]);
+            summary[format!("{key}_max")] = json!(xs[xs.len() - 1]);
+        }
+    }
+    emit(summary);
 
     // 4. Already synced: B restarts with nothing new; time until its first pull confirms.
     b.terminate().await?;
@@ -1348,7 +1393,7 @@ async fn compare(
         "started": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)});
     emit(machine);
     for &n in items {
-        sync_bench(n, live).await?;
+        sync_bench(n, live, 1).await?;
     }
     local(seconds, &[], &[1, 8]).await?;
     let src = peers
