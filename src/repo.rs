@@ -165,6 +165,13 @@ pub struct Repo {
     events: broadcast::Sender<ItemEvent>,
     /// Last change sequence number made durable; the network notifies peers when it moves.
     changed: tokio::sync::watch::Sender<u64>,
+    /// The last batch of received documents held only documents new to the store (as in an
+    /// initial sync): the next one is merged as new without reading each document's
+    /// metadata first, and its commit checks, under the commit lock, that the store lacks
+    /// them (`Store::commit_batch_new`). sled 0.34 blocks every read while another thread
+    /// commits a batch; this keeps a page's two appliers from waiting on each other's
+    /// commits for lookups that find nothing.
+    creating: std::sync::atomic::AtomicBool,
 }
 
 impl Repo {
@@ -200,6 +207,7 @@ impl Repo {
             tracker_names: Mutex::new(()),
             events,
             changed: tokio::sync::watch::Sender::new(0),
+            creating: std::sync::atomic::AtomicBool::new(false),
         };
         for id in repo.store.tracker_ids()? {
             repo.refresh_tracker(id)?;

@@ -6,6 +6,7 @@
 //! the others.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 
 use automerge::{AutoCommit, ChangeHash};
 use uuid::Uuid;
@@ -14,11 +15,32 @@ use super::{heads_of, Indexing, ItemEvent, Loaded, Repo, Result, Source};
 
 /// Documents committed per sled batch when applying a peer's page.
 pub const APPLY_BATCH: usize = 256;
+
 use crate::hlc::Hlc;
 use crate::item::{actor_for, ItemDoc};
 use crate::peer::Ops;
 use crate::schema::TrackerDoc;
 use crate::store::{DocKind, DocWrite};
+
+/// One document of a batch being applied: what merging it gave, and its store write.
+struct Merged {
+    /// Its place in the batch (and its slot guard's).
+    n: usize,
+    id: Uuid,
+    seq: u64,
+    kind: DocKind,
+    applied: Applied,
+    /// The store write, until it is handed to the commit.
+    write: Option<DocWrite>,
+    /// The item's tracker (for its event).
+    tracker: Uuid,
+    committed: bool,
+    /// New to the store (not kept decoded afterwards).
+    new_doc: bool,
+    /// Merged as new without reading its stored metadata: the document as received, to merge
+    /// again if the commit finds it stored after all.
+    unread: Option<RemoteDoc>,
+}
 
 /// A document as it travels between peers.
 #[derive(Clone, Debug)]
@@ -210,58 +232,104 @@ impl Repo {
             batch.sort_by_key(|d| d.id);
             let slots: Vec<_> = batch.iter().map(|d| self.slot(d.id)).collect();
             let mut guards: Vec<_> = slots.iter().map(|s| s.lock()).collect();
-            let mut writes = Vec::new();
-            let mut written = Vec::new();
-            let mut trackers = Vec::new();
-            let mut events = Vec::new();
-            // Documents new to this store are not kept decoded afterwards: an initial sync
-            // would otherwise fill the cache (and memory) with documents nobody is reading.
-            let mut uncache = Vec::new();
+            // Documents merged as new without reading their metadata (see `Repo::creating`)
+            // are checked against the store by the commit; one found stored after all is
+            // merged again, read as usual, and committed in a second round.
+            let unread_ok = self.creating.load(Ordering::Relaxed);
+            let mut merged = Vec::with_capacity(batch.len());
             for (n, doc) in batch.into_iter().enumerate() {
-                let (id, seq, kind) = (doc.id, doc.seq, doc.kind);
-                // Read once: the slot is locked, so it cannot change under us.
-                let stored = self.store.doc_meta(id)?;
-                let new_doc = guards[n].is_none() && stored.is_none();
-                let (applied, write) = self.apply_one(doc, stored, from, ops, &mut guards[n])?;
-                if let Some((write, tracker)) = write {
-                    writes.push(write);
-                    written.push(n);
-                    if new_doc && kind == DocKind::Item {
-                        uncache.push(n);
-                    }
-                    match kind {
-                        DocKind::Tracker => trackers.push(id),
-                        DocKind::Item => events.push(ItemEvent {
-                            item: id,
+                if unread_ok && guards[n].is_none() {
+                    if let Some((applied, write, tracker)) = self.create_unread(&doc, from, ops) {
+                        merged.push(Merged {
+                            n,
+                            id: doc.id,
+                            seq: doc.seq,
+                            kind: doc.kind,
+                            applied,
+                            write: Some(write),
                             tracker,
-                            source: Source::Remote,
-                        }),
+                            committed: false,
+                            new_doc: true,
+                            unread: Some(doc),
+                        });
+                        continue;
                     }
                 }
-                out.push((id, seq, applied));
+                merged.push(self.merge_read(n, doc, from, ops, &mut guards[n])?);
             }
-            if !writes.is_empty() {
-                match self.store.commit_batch(writes) {
-                    Ok((ticket, metas)) => {
-                        for (n, meta) in written.into_iter().zip(metas) {
-                            if let Some(loaded) = guards[n].as_mut() {
-                                loaded.meta = Some(meta);
+            let mut round: Vec<usize> = (0..merged.len())
+                .filter(|&i| merged[i].write.is_some())
+                .collect();
+            let mut refusals = 0;
+            while !round.is_empty() {
+                let absent: Vec<bool> = round.iter().map(|&i| merged[i].unread.is_some()).collect();
+                let writes: Vec<DocWrite> = round
+                    .iter()
+                    .filter_map(|&i| merged[i].write.take())
+                    .collect();
+                match self.store.commit_batch_new(writes, &absent) {
+                    Ok((ticket, metas, refused)) => {
+                        last_ticket = Some(ticket);
+                        let mut metas = metas.into_iter();
+                        let mut again = Vec::with_capacity(refused.len());
+                        for (k, &i) in round.iter().enumerate() {
+                            if refused.contains(&k) {
+                                again.push(i);
+                                continue;
+                            }
+                            merged[i].committed = true;
+                            let meta = metas.next();
+                            if let Some(loaded) = guards[merged[i].n].as_mut() {
+                                loaded.meta = meta;
                             }
                         }
-                        last_ticket = Some(ticket);
-                        for n in uncache {
-                            *guards[n] = None;
+                        refusals += again.len();
+                        round.clear();
+                        for i in again {
+                            let doc = merged[i].unread.take().expect("refused only if unread");
+                            let n = merged[i].n;
+                            merged[i] = self.merge_read(n, doc, from, ops, &mut guards[n])?;
+                            if merged[i].write.is_some() {
+                                round.push(i);
+                            }
                         }
                     }
                     Err(e) => {
                         // Nothing of the batch was written: drop the merged copies, they
                         // reload from disk.
-                        for n in written {
-                            *guards[n] = None;
+                        for &i in &round {
+                            *guards[merged[i].n] = None;
                         }
                         return Err(e.into());
                     }
                 }
+            }
+            self.creating.store(
+                refusals == 0 && !merged.is_empty() && merged.iter().all(|m| m.new_doc),
+                Ordering::Relaxed,
+            );
+            let mut trackers = Vec::new();
+            let mut events = Vec::new();
+            for m in merged {
+                if m.committed {
+                    match m.kind {
+                        DocKind::Tracker => trackers.push(m.id),
+                        DocKind::Item => {
+                            // Documents new to this store are not kept decoded afterwards: an
+                            // initial sync would otherwise fill the cache (and memory) with
+                            // documents nobody is reading.
+                            if m.new_doc {
+                                *guards[m.n] = None;
+                            }
+                            events.push(ItemEvent {
+                                item: m.id,
+                                tracker: m.tracker,
+                                source: Source::Remote,
+                            });
+                        }
+                    }
+                }
+                out.push((m.id, m.seq, m.applied));
             }
             drop(guards);
             for id in trackers {
@@ -282,6 +350,60 @@ impl Repo {
             self.signal_change();
         }
         Ok(out)
+    }
+
+    /// Merge one document of a batch into its (locked) slot, reading its stored metadata
+    /// first (once: the slot is locked, so it cannot change under us).
+    fn merge_read(
+        &self,
+        n: usize,
+        doc: RemoteDoc,
+        from: u64,
+        ops: Ops,
+        guard: &mut Option<Loaded>,
+    ) -> Result<Merged> {
+        let (id, seq, kind) = (doc.id, doc.seq, doc.kind);
+        let stored = self.store.doc_meta(id)?;
+        let new_doc = guard.is_none() && stored.is_none();
+        let (applied, write) = self.apply_one(doc, stored, from, ops, guard)?;
+        let (write, tracker) = match write {
+            Some((w, t)) => (Some(w), t),
+            None => (None, Uuid::nil()),
+        };
+        Ok(Merged {
+            n,
+            id,
+            seq,
+            kind,
+            applied,
+            write,
+            tracker,
+            committed: false,
+            new_doc,
+            unread: None,
+        })
+    }
+
+    /// [`Repo::try_create`] for a document whose stored metadata was not read: what
+    /// [`Repo::apply_one`] would do for it if the store lacks it, when that is a write (the
+    /// commit then checks the store lacks it). Anything else (refused, deferred, not a
+    /// creation) is left to the merge, which reads the metadata.
+    fn create_unread(
+        &self,
+        remote: &RemoteDoc,
+        from: u64,
+        ops: Ops,
+    ) -> Option<(Applied, DocWrite, Uuid)> {
+        if remote.kind != DocKind::Item
+            || remote.data.is_empty()
+            || super::guard::check(&remote.data).is_err()
+        {
+            return None;
+        }
+        match self.try_create(remote, from, ops)? {
+            (applied, Some((write, tracker))) => Some((applied, write, tracker)),
+            _ => None,
+        }
     }
 
     /// Validate and merge one document into its (locked) slot, given its metadata in the
@@ -855,6 +977,83 @@ mod tests {
         assert_eq!(ahead.heads, heads_we_have);
         let whole = peer.fetch(item.id, &[]).expect("fetch").expect("whole");
         assert!(!whole.data.is_empty());
+    }
+
+    /// After a batch of new documents the next is merged as new without reading metadata;
+    /// the commit refuses those the store holds after all, and they are merged as usual: a
+    /// page sent again changes nothing, and a creation arriving after a later edit of the
+    /// same item keeps the edit.
+    #[test]
+    fn documents_merged_unread_are_checked_against_the_store() {
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (peer, _) = peer_docs(a.path());
+        for v in ["y", "z"] {
+            peer.create_item("t", json!({ "a": v }).as_object().cloned().expect("map"))
+                .expect("item");
+        }
+        let (docs, _, _) = peer.feed(0, 0, 100, 1 << 20, 0).expect("feed");
+        let (trackers, items): (Vec<RemoteDoc>, Vec<RemoteDoc>) =
+            docs.into_iter().partition(|d| d.kind == DocKind::Tracker);
+        assert_eq!(items.len(), 3);
+        let us = repo(b.path(), 1);
+        us.apply_remote(trackers, 7).expect("tracker");
+        let out = us.apply_remote(items.clone(), 7).expect("items");
+        assert!(out.iter().all(|o| o.2 == Applied::Merged), "{out:?}");
+        assert!(
+            us.creating.load(Ordering::Relaxed),
+            "a batch of new documents"
+        );
+        let (live, seq) = (us.store().live_items(), us.store().last_seq());
+
+        // The same page again: every creation is refused by the commit, then unchanged.
+        let out = us.apply_remote(items.clone(), 7).expect("again");
+        assert!(out.iter().all(|o| o.2 == Applied::Unchanged), "{out:?}");
+        assert_eq!(
+            (us.store().live_items(), us.store().last_seq()),
+            (live, seq)
+        );
+        assert!(!us.creating.load(Ordering::Relaxed));
+
+        // The peer edits the first item; we take the edit, then a new item (so the next
+        // batch is merged unread), then the first item's creation once more.
+        let first = items[0].id.to_string();
+        peer.update_item(
+            &first,
+            json!({"a": "edited"}).as_object().cloned().expect("map"),
+        )
+        .expect("edit");
+        let fresh = peer
+            .create_item("t", json!({"a": "w"}).as_object().cloned().expect("map"))
+            .expect("item");
+        let (page, _, _) = peer.feed(0, 0, 100, 1 << 20, 0).expect("feed");
+        let edit = page
+            .iter()
+            .find(|d| d.id == items[0].id)
+            .cloned()
+            .expect("the edit");
+        assert_eq!(
+            us.apply_remote(vec![edit], 7).expect("edit")[0].2,
+            Applied::Merged
+        );
+        let new_one = page
+            .iter()
+            .find(|d| d.id == fresh.id)
+            .cloned()
+            .expect("the new item");
+        us.apply_remote(vec![new_one], 7).expect("new");
+        assert!(us.creating.load(Ordering::Relaxed));
+        // Stored unmerged, its creation would replace the edited document.
+        us.apply_remote(vec![items[0].clone()], 7)
+            .expect("old creation");
+        assert!(!us.creating.load(Ordering::Relaxed));
+        assert_eq!(us.item(&first).expect("view").fields["a"], json!("edited"));
+        assert_eq!(
+            us.item(&first).expect("view"),
+            peer.item(&first).expect("peer")
+        );
     }
 
     /// A new item sent as the change that created it (as it is, or compressed) is stored
