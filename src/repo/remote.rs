@@ -260,7 +260,6 @@ impl Repo {
             let mut round: Vec<usize> = (0..merged.len())
                 .filter(|&i| merged[i].write.is_some())
                 .collect();
-            let mut refusals = 0;
             while !round.is_empty() {
                 let absent: Vec<bool> = round.iter().map(|&i| merged[i].unread.is_some()).collect();
                 let writes: Vec<DocWrite> = round
@@ -283,7 +282,6 @@ impl Repo {
                                 loaded.meta = meta;
                             }
                         }
-                        refusals += again.len();
                         round.clear();
                         for i in again {
                             let doc = merged[i].unread.take().expect("refused only if unread");
@@ -304,10 +302,9 @@ impl Repo {
                     }
                 }
             }
-            self.creating.store(
-                refusals == 0 && !merged.is_empty() && merged.iter().all(|m| m.new_doc),
-                Ordering::Relaxed,
-            );
+            // A document refused above was merged again as stored, so it turns the mode off.
+            self.creating
+                .store(merged.iter().all(|m| m.new_doc), Ordering::Relaxed);
             let mut trackers = Vec::new();
             let mut events = Vec::new();
             for m in merged {
