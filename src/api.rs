@@ -77,8 +77,13 @@ impl AppState {
         f: impl FnOnce(&Repo) -> Result<T, crate::repo::RepoError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let repo = self.repo.clone();
-        let (result, deferred) =
-            tokio::task::spawn_blocking(move || repo.deferring(|| f(&repo))).await?;
+        // Registered now, so a flush led meanwhile waits for this write to apply and covers it.
+        let mut pending = crate::repo::PendingWrite::new(&repo);
+        let (result, deferred) = tokio::task::spawn_blocking(move || {
+            let _registered = pending.adopt();
+            repo.deferring(|| f(&repo))
+        })
+        .await?;
         if !deferred.is_empty() {
             // Its own task: a client that hangs up must not leave the write unflushed.
             let repo = self.repo.clone();

@@ -97,6 +97,37 @@ pub struct Deferred {
     event: Option<ItemEvent>,
 }
 
+/// A write registered with the group commit before it reaches a blocking thread, so a flush
+/// leader waits for it as for a write under way (see [`crate::store::Store::announce_write`]).
+pub struct PendingWrite {
+    repo: Arc<Repo>,
+    adopted: bool,
+}
+
+impl PendingWrite {
+    pub fn new(repo: &Arc<Repo>) -> PendingWrite {
+        repo.store.announce_write();
+        PendingWrite {
+            repo: repo.clone(),
+            adopted: false,
+        }
+    }
+
+    /// On the thread that runs the write: the registration now ends with the guard.
+    pub fn adopt(&mut self) -> crate::store::WriteGuard<'_> {
+        self.adopted = true;
+        self.repo.store.adopt_write()
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        if !self.adopted {
+            self.repo.store.withdraw_write();
+        }
+    }
+}
+
 thread_local! {
     /// Writes left to [`Repo::complete`], while [`Repo::deferring`] runs on this thread.
     static DEFERRED: std::cell::RefCell<Option<Vec<Deferred>>> = const { std::cell::RefCell::new(None) };
