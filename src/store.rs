@@ -996,9 +996,8 @@ impl Store {
     /// Register a write that will commit and wait for durability; the group-commit leader
     /// waits (briefly) for registered writers to apply before flushing.
     pub fn begin_write(&self) -> WriteGuard<'_> {
-        self.writers.fetch_add(1, Ordering::SeqCst);
-        OWN_WRITES.set(OWN_WRITES.get() + 1);
-        WriteGuard(self, std::marker::PhantomData)
+        self.announce_write();
+        self.adopt_write()
     }
 
     /// Register a write that has yet to reach the thread that will run it (an API request
