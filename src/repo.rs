@@ -6,7 +6,7 @@
 //! with the same sequence number. An entry is evicted only when no caller holds it.
 //!
 //! Write path: lock the document, validate, stamp (HLC above everything visible), change, encode
-//! the increment, commit it to the store with indexes and counters in one batch, unlock, then
+//! the increment, commit it to the store with indexes and counters in one atomic write, unlock, then
 //! wait for durability (group commit) before returning. If the store refuses the batch the
 //! cached copy is dropped so memory never runs ahead of disk.
 //!

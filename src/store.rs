@@ -1,12 +1,13 @@
 //! The only module that names sled: key layout, atomic document writes, indexes, counters and
 //! the durability contract.
 //!
-//! Everything lives in sled's default tree under one-byte prefixes, so one `apply_batch` is one
-//! atomic write across all of them:
+//! Everything lives in sled's default tree under one-byte prefixes. A document write touches
+//! several of them, atomically: a large one (a page of a sync) as one `apply_batch`, a small
+//! one (an API write) as plain inserts behind a redo record (see [`Store::commit_batch_new`]):
 //!
 //! | key | value |
 //! |---|---|
-//! | `M` name | node metadata: HLC high-water mark, counters, open marker, sequence floor, live bytes at the last rewrite check |
+//! | `M` name | node metadata: HLC high-water mark, counters, open marker, sequence floor, live bytes at the last rewrite check, the redo record of a small write under way |
 //! | `H` doc id | [`DocMeta`]: kind, tracker, heads, change seq, chunk bookkeeping |
 //! | `S` doc id | snapshot: a new document's change (`save_after(&[])`), or compacted (`save()`) |
 //! | `C` doc id, chunk u32 BE | one incremental change chunk (`save_after(heads)`) |
@@ -21,7 +22,7 @@
 //!
 //! Snapshot and chunks are separate keys so a torn or corrupt chunk never costs the snapshot.
 //!
-//! Durability: [`Store::commit`] applies a batch and returns a ticket; [`Store::wait_durable`]
+//! Durability: [`Store::commit`] applies a write and returns a ticket; [`Store::wait_durable`]
 //! returns once a flush that started after the batch was applied has finished. Concurrent
 //! waiters share flushes (leader/follower group commit): one fsync covers every batch applied
 //! before it began. All calls block (async callers use `spawn_blocking`), except
@@ -130,6 +131,14 @@ const META_OPEN: &[u8] = b"Mopen";
 /// The lowest sequence number the next change may take (u64 BE): where numbering resumed after
 /// the last gap (see [`SEQ_AHEAD`]). Absent until the first gap.
 const META_SEQ_FLOOR: &[u8] = b"Mseqfloor";
+
+/// A small document write's own keys and values, written before them and removed after them
+/// (see [`Store::commit_batch_new`]); found at open, the write is finished from it.
+const META_REDO: &[u8] = b"Mredo";
+
+/// Writes of at most this many bytes (keys and values) go through the redo record instead of
+/// `apply_batch`.
+const SMALL_WRITE_BYTES: usize = 32 * 1024;
 
 /// How far past the last durable change a live push may reach (see [`Store::feed_recent`]).
 /// After a run that ended without a clean stop, sequence numbers resume this far past the last
@@ -276,6 +285,7 @@ impl DocMeta {
 }
 
 /// What to write for a document.
+#[derive(Clone)]
 pub enum DocData {
     /// Replace the snapshot and drop every chunk (creation and compaction).
     Snapshot(Vec<u8>),
@@ -283,6 +293,7 @@ pub enum DocData {
     Chunk(Vec<u8>),
 }
 
+#[derive(Clone)]
 pub struct DocWrite {
     pub id: Uuid,
     pub kind: DocKind,
@@ -329,6 +340,27 @@ fn decode_chunk(v: &[u8]) -> (u64, &[u8]) {
 
 /// One past the highest counter keyed under `prefix` (a u64 BE after the prefix byte); 1 when
 /// there is none.
+/// Finish a small commit that a crash interrupted (see [`Store::apply`]): apply its writes
+/// from the redo record, with the record's removal, as one batch, and make that durable.
+fn redo(db: &sled::Db) -> Result<()> {
+    let Some(record) = db.get(META_REDO)? else {
+        return Ok(());
+    };
+    let ops = Ops::decode(&record).ok_or(StoreError::Corrupt {
+        key: "Mredo".into(),
+        what: "redo record of an unfinished write",
+    })?;
+    let mut batch = ops.to_batch();
+    batch.remove(META_REDO);
+    db.apply_batch(batch)?;
+    db.flush()?;
+    tracing::info!(
+        writes = ops.0.len(),
+        "finished a write the last run left half applied"
+    );
+    Ok(())
+}
+
 fn next_counter(db: &sled::Db, prefix: u8, what: &'static str) -> Result<u64> {
     match db.scan_prefix([prefix]).next_back() {
         None => Ok(1),
@@ -423,6 +455,93 @@ impl CommitState {
     }
 }
 
+/// A commit's writes, in order: applied as one sled batch, or one by one behind a redo record
+/// holding them all (see [`Store::commit_batch_new`]).
+#[derive(Debug, Default, PartialEq)]
+struct Ops(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Ops {
+    fn insert(&mut self, k: Vec<u8>, v: impl Into<Vec<u8>>) {
+        self.0.push((k, Some(v.into())));
+    }
+
+    fn remove(&mut self, k: Vec<u8>) {
+        self.0.push((k, None));
+    }
+
+    /// Keys and values, in bytes.
+    fn bytes(&self) -> usize {
+        self.0
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
+
+    /// The same writes as one sled batch (in which the last write to a key wins, as applying
+    /// them in order would leave it).
+    fn to_batch(&self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in &self.0 {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        batch
+    }
+
+    /// Version 1, the number of writes u32 BE, then per write: 1 (insert) or 0 (remove), key
+    /// length u32 BE, key, and for an insert value length u32 BE, value.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(5 + self.bytes() + 9 * self.0.len());
+        out.push(1);
+        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
+        for (k, v) in &self.0 {
+            out.push(v.is_some() as u8);
+            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            out.extend_from_slice(k);
+            if let Some(v) = v {
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Ops> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = b.split_at_checked(n)?;
+            *b = rest;
+            Some(head)
+        }
+        fn sized<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+            let n = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+            take(b, n)
+        }
+        let mut b = b;
+        if take(&mut b, 1)? != [1] {
+            return None;
+        }
+        let n = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?);
+        let mut ops = Ops::default();
+        for _ in 0..n {
+            let insert = match take(&mut b, 1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            let k = sized(&mut b)?.to_vec();
+            let v = if insert {
+                Some(sized(&mut b)?.to_vec())
+            } else {
+                None
+            };
+            ops.0.push((k, v));
+        }
+        b.is_empty().then_some(ops)
+    }
+}
+
 struct FlushState {
     /// Every ticket up to this one is durable.
     flushed: u64,
@@ -477,6 +596,15 @@ pub struct Store {
     digests: Mutex<Option<BTreeMap<Uuid, u128>>>,
     /// The last changes written (see [`Store::feed_recent`]); appended under the commit lock.
     recent: Mutex<Recent>,
+    /// Held for writing while a small commit applies its inserts, for reading by readers of
+    /// more than one of a document's keys (see [`Store::apply`]).
+    view: std::sync::RwLock<()>,
+    /// Apply every commit with `apply_batch` (tests compare the two ways).
+    batch_only: bool,
+    /// Stop a small commit after its redo record and this many of its writes, as a crash
+    /// would (tests).
+    #[cfg(test)]
+    torn_after: Option<usize>,
 }
 
 /// Whether the feed leaves a document out for a reader: the reader (tagged `skip_source`)
@@ -508,6 +636,7 @@ impl Store {
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Store> {
         rewrite::recover(path)?;
         let db = open_sled(path, cache_bytes)?;
+        redo(&db)?;
         // sled's log file, to fdatasync after sled's own flush (see `Store::sync`).
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
@@ -601,6 +730,10 @@ impl Store {
                 bytes: 0,
                 floor: next_seq - 1,
             }),
+            view: std::sync::RwLock::new(()),
+            batch_only: false,
+            #[cfg(test)]
+            torn_after: None,
         })
     }
 
@@ -647,6 +780,12 @@ impl Store {
     }
 
     pub fn doc_meta(&self, id: Uuid) -> Result<Option<DocMeta>> {
+        let _view = self.view.read().expect("view lock");
+        self.doc_meta_in_view(id)
+    }
+
+    /// [`Store::doc_meta`] for a caller holding `view`.
+    fn doc_meta_in_view(&self, id: Uuid) -> Result<Option<DocMeta>> {
         let k = key(P_DOCMETA, &[id.as_bytes()]);
         match self.db.get(&k)? {
             None => Ok(None),
@@ -658,7 +797,8 @@ impl Store {
     }
 
     pub fn load_doc(&self, id: Uuid) -> Result<Option<DocBytes>> {
-        let Some(meta) = self.doc_meta(id)? else {
+        let _view = self.view.read().expect("view lock");
+        let Some(meta) = self.doc_meta_in_view(id)? else {
             return Ok(None);
         };
         let snapshot = self
@@ -692,9 +832,9 @@ impl Store {
         Ok((ticket, metas.pop().expect("one meta per write")))
     }
 
-    /// Apply several document writes as one atomic sled batch (one ticket covers them all).
-    /// sled's cost is mostly per batch: measured here, 100 documents per batch cost a third
-    /// of the CPU and half the bytes written of one batch each.
+    /// Apply several document writes as one atomic write (one ticket covers them all; see
+    /// [`Store::apply`]). sled's cost is mostly per batch: measured here, 100 documents per
+    /// batch cost a third of the CPU and half the bytes written of one batch each.
     pub fn commit_batch(&self, writes: Vec<DocWrite>) -> Result<(Ticket, Vec<DocMeta>)> {
         let absent = vec![false; writes.len()];
         let (ticket, metas, refused) = self.commit_batch_new(writes, &absent)?;
@@ -722,7 +862,7 @@ impl Store {
             display: st.display,
             hlc: st.hlc,
         };
-        let mut batch = sled::Batch::default();
+        let mut ops = Ops::default();
         // Metadata written earlier in this batch (a document may appear twice).
         let mut staged: HashMap<Uuid, DocMeta> = HashMap::new();
         let mut metas = Vec::with_capacity(writes.len());
@@ -745,7 +885,7 @@ impl Store {
                 (DocData::Snapshot(b) | DocData::Chunk(b), _) if keep => b.clone(),
                 _ => Vec::new(),
             };
-            let meta = self.stage(&mut batch, &mut next, w, old);
+            let meta = self.stage(&mut ops, &mut next, w, old);
             staged.insert(id, meta.clone());
             recent.push(FeedEntry {
                 seq: meta.seq,
@@ -759,9 +899,9 @@ impl Store {
         // high-water mark rides along; between rewrites it is recovered at open from the
         // document written last (see `Store::last_written`).
         if (next.live_items, next.trackers, next.display) != before {
-            batch.insert(META_STATE, next.encode());
+            ops.insert(META_STATE.to_vec(), next.encode());
         }
-        if let Err(e) = self.db.apply_batch(batch) {
+        if let Err(e) = self.apply(&ops) {
             // An I/O error here (a full disk) is as sticky as a failed flush.
             if matches!(e, sled::Error::Io(_)) {
                 self.io_failed.store(true, Ordering::SeqCst);
@@ -787,10 +927,47 @@ impl Store {
         Ok((ticket, metas, refused))
     }
 
-    /// Add one document write to `batch`, moving the counters in `next`.
+    /// Apply a commit's writes atomically (under the commit lock).
+    ///
+    /// sled 0.34's `apply_batch` costs two writes of its log per call, each handed to its I/O
+    /// thread pool and waited out there with `sync_file_range`, and it stops every reader
+    /// while it applies; for one document that was most of a write's cost. So a small commit
+    /// is applied as plain inserts instead: first a redo record holding all of its writes,
+    /// then the writes, then the record's removal, all in the log buffer that the next flush
+    /// writes out. sled recovers a prefix of its log, so after a crash either the record is
+    /// missing (and so is every write after it) or it is there and the next open finishes
+    /// the commit from it ([`redo`]). Readers of more than one key ([`Store::load_doc`])
+    /// hold `view` for reading, so they never see half of one either.
+    fn apply(&self, ops: &Ops) -> sled::Result<()> {
+        if ops.bytes() > SMALL_WRITE_BYTES || self.batch_only {
+            return self.db.apply_batch(ops.to_batch());
+        }
+        let _view = self.view.write().expect("view lock");
+        self.db.insert(META_REDO, ops.encode())?;
+        let writes = &ops.0[..];
+        #[cfg(test)]
+        let writes = &writes[..self.torn_after.unwrap_or(usize::MAX).min(writes.len())];
+        for (k, v) in writes {
+            match v {
+                Some(v) => self.db.insert(k.as_slice(), v.as_slice())?,
+                None => self.db.remove(k.as_slice())?,
+            };
+        }
+        #[cfg(test)]
+        if writes.len() < ops.0.len() {
+            return Err(sled::Error::Unsupported("torn on purpose".into()));
+        }
+        self.db.remove(META_REDO)?;
+        Ok(())
+    }
+
+    /// Add one document write to `ops`, moving the counters in `next`. The document's bytes
+    /// and indexes come first, then its metadata, then its new place in the feed: a reader
+    /// that walks the feed while a small write applies (see [`Store::commit_batch_new`]) finds
+    /// the new feed entry only once the metadata it points to is there.
     fn stage(
         &self,
-        batch: &mut sled::Batch,
+        ops: &mut Ops,
         next: &mut CommitState,
         w: DocWrite,
         old: Option<DocMeta>,
@@ -799,9 +976,9 @@ impl Store {
         let seq = next.next_seq;
         let (chunks, snapshot_seq) = match &w.data {
             DocData::Snapshot(bytes) => {
-                batch.insert(key(P_SNAPSHOT, &[id.as_bytes()]), bytes.as_slice());
+                ops.insert(key(P_SNAPSHOT, &[id.as_bytes()]), bytes.as_slice());
                 for n in 0..old.as_ref().map_or(0, |m| m.chunks) {
-                    batch.remove(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]));
+                    ops.remove(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]));
                 }
                 (0, seq)
             }
@@ -811,33 +988,18 @@ impl Store {
                 value.push(CHUNK_V1);
                 value.extend_from_slice(&seq.to_be_bytes());
                 value.extend_from_slice(bytes);
-                batch.insert(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]), value);
+                ops.insert(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]), value);
                 (n + 1, old.as_ref().map_or(0, |m| m.snapshot_seq))
             }
         };
-        let meta = DocMeta {
-            kind: w.kind,
-            tracker: w.tracker,
-            seq,
-            heads: w.heads,
-            chunks,
-            deleted: w.deleted,
-            source: w.source,
-            snapshot_seq,
-        };
-        batch.insert(key(P_DOCMETA, &[id.as_bytes()]), meta.encode());
-        if let Some(o) = &old {
-            batch.remove(key(P_SEQ, &[&o.seq.to_be_bytes()]));
-        }
-        batch.insert(key(P_SEQ, &[&seq.to_be_bytes()]), id.as_bytes().as_slice());
         next.next_seq += 1;
         next.hlc = next.hlc.max(w.hlc);
         match w.kind {
             DocKind::Item => {
                 if old.as_ref().is_none_or(|m| m.deleted != w.deleted) {
-                    batch.insert(
+                    ops.insert(
                         key(P_ITEM_INDEX, &[w.tracker.as_bytes(), id.as_bytes()]),
-                        &[w.deleted as u8],
+                        [w.deleted as u8],
                     );
                 }
                 let was_live = old.as_ref().is_some_and(|m| !m.deleted);
@@ -850,21 +1012,36 @@ impl Store {
             DocKind::Tracker => {
                 if old.is_none() {
                     next.trackers += 1;
-                    batch.insert(key(P_TRACKER, &[id.as_bytes()]), &[]);
+                    ops.insert(key(P_TRACKER, &[id.as_bytes()]), Vec::new());
                 }
             }
         }
         if let Some(d) = &w.display_id {
-            batch.insert(key(P_DISPLAY, &[d.as_bytes()]), id.as_bytes().as_slice());
+            ops.insert(key(P_DISPLAY, &[d.as_bytes()]), id.as_bytes().as_slice());
             next.display = next
                 .display
                 .max(self.display_next.load(Ordering::SeqCst).saturating_sub(1));
         }
         if let Some(name) = &w.tracker_name {
-            batch.insert(
+            ops.insert(
                 key(P_TRACKER_NAME, &[name.as_bytes()]),
                 id.as_bytes().as_slice(),
             );
+        }
+        let meta = DocMeta {
+            kind: w.kind,
+            tracker: w.tracker,
+            seq,
+            heads: w.heads,
+            chunks,
+            deleted: w.deleted,
+            source: w.source,
+            snapshot_seq,
+        };
+        ops.insert(key(P_DOCMETA, &[id.as_bytes()]), meta.encode());
+        ops.insert(key(P_SEQ, &[&seq.to_be_bytes()]), id.as_bytes().as_slice());
+        if let Some(o) = &old {
+            ops.remove(key(P_SEQ, &[&o.seq.to_be_bytes()]));
         }
         meta
     }
@@ -2005,6 +2182,123 @@ mod tests {
         let numbers: Vec<u64> = even.iter().map(|(n, _)| *n).collect();
         // Entry k holds the number k - 1.
         assert_eq!(numbers, vec![n - 1, n - 3, n - 5]);
+    }
+
+    /// A tracker, two items, an edit (a chunk), a compaction (a snapshot replacing the
+    /// chunk), a delete, and one batch writing a document twice.
+    fn mixed_writes(t: Uuid, a: Uuid, b: Uuid) -> Vec<Vec<DocWrite>> {
+        let mut tracker = write(t, t, DocData::Snapshot(b"tracker".to_vec()), false);
+        tracker.kind = DocKind::Tracker;
+        tracker.tracker_name = Some("cases".into());
+        let mut first = write(a, t, DocData::Snapshot(vec![1; 300]), false);
+        first.display_id = Some("N-1".into());
+        vec![
+            vec![tracker],
+            vec![first],
+            vec![write(b, t, DocData::Snapshot(vec![2; 40]), false)],
+            vec![write(a, t, DocData::Chunk(vec![3; 20]), false)],
+            vec![write(a, t, DocData::Snapshot(vec![4; 320]), false)],
+            vec![write(b, t, DocData::Chunk(vec![5; 8]), true)],
+            vec![
+                write(a, t, DocData::Chunk(vec![6; 9]), false),
+                write(a, t, DocData::Chunk(vec![7; 9]), false),
+            ],
+        ]
+    }
+
+    #[test]
+    fn small_writes_leave_the_keys_a_batch_does() {
+        let (t, a, b) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let run = |batch_only: bool| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut store = Store::open(dir.path()).expect("open");
+            store.batch_only = batch_only;
+            for writes in mixed_writes(t, a, b) {
+                store.commit_batch(writes).expect("commit");
+            }
+            assert!(store.db.get(META_REDO).expect("read").is_none());
+            (
+                data_keys(&store),
+                store.live_items(),
+                store.tracker_count(),
+                store.last_seq(),
+            )
+        };
+        let batched = run(true);
+        assert_eq!(batched.1, 1, "b was deleted");
+        assert_eq!(run(false), batched);
+    }
+
+    #[test]
+    fn a_small_write_cut_short_by_a_crash_is_finished_at_open() {
+        let (t, a, b) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let all = mixed_writes(t, a, b);
+        let whole = |n: usize| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(dir.path()).expect("open");
+            for writes in all.iter().take(n).cloned() {
+                store.commit_batch(writes).expect("commit");
+            }
+            (data_keys(&store), store.live_items(), store.tracker_count())
+        };
+        let mut cases = 0;
+        // Each write in turn is cut after its redo record and every possible number of its
+        // own writes; the store is then closed as a crash leaves it (everything applied so
+        // far on disk, no clean stop).
+        for (n, _) in all.iter().enumerate() {
+            let expected = whole(n + 1);
+            for torn_after in 0.. {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let mut store = Store::open(dir.path()).expect("open");
+                for writes in all.iter().take(n).cloned() {
+                    store.commit_batch(writes).expect("commit");
+                }
+                store.torn_after = Some(torn_after);
+                if store.commit_batch(all[n].clone()).is_ok() {
+                    // Past its last write: nothing left to cut.
+                    break;
+                }
+                store.db.flush().expect("flush");
+                drop(store);
+                let store = Store::open(dir.path()).expect("reopen");
+                assert!(store.db.get(META_REDO).expect("read").is_none());
+                assert_eq!(
+                    (data_keys(&store), store.live_items(), store.tracker_count()),
+                    expected,
+                    "write {n} cut after {torn_after} of its writes"
+                );
+                for id in [a, b] {
+                    if let Some(doc) = store.load_doc(id).expect("load") {
+                        assert_eq!(doc.chunks.len() as u32, doc.meta.chunks);
+                    }
+                }
+                cases += 1;
+            }
+        }
+        assert!(cases > 20, "{cases} cut writes");
+    }
+
+    #[test]
+    fn redo_records_decode_what_they_encode_and_nothing_else() {
+        let mut ops = Ops::default();
+        ops.insert(b"Sabc".to_vec(), vec![1, 2, 3]);
+        ops.remove(b"Q1".to_vec());
+        ops.insert(b"I".to_vec(), Vec::new());
+        let bytes = ops.encode();
+        assert_eq!(Ops::decode(&bytes), Some(ops));
+        for cut in 0..bytes.len() {
+            assert_eq!(Ops::decode(&bytes[..cut]), None, "a record cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Ops::decode(&longer), None, "trailing bytes");
+        assert_eq!(Ops::decode(&[2, 0, 0, 0, 0]), None, "unknown version");
+        assert_eq!(
+            Ops::decode(&[1, 0, 0, 0, 1, 7, 0, 0, 0, 0]),
+            None,
+            "unknown kind"
+        );
+        assert_eq!(Ops::decode(&[1, 0, 0, 0, 0]), Some(Ops::default()));
     }
 
     #[test]
