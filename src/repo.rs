@@ -97,8 +97,8 @@ pub struct Deferred {
     event: Option<ItemEvent>,
 }
 
-/// A write registered with the group commit before it reaches a blocking thread, so a flush
-/// leader waits for it as for a write under way (see [`crate::store::Store::announce_write`]).
+/// A write registered with the group commit before it reaches a blocking thread, so the
+/// store's flusher waits for it as for a write under way (see [`crate::store::Store::announce_write`]).
 pub struct PendingWrite {
     repo: Arc<Repo>,
     adopted: bool,
@@ -290,9 +290,9 @@ impl Repo {
         self.settle_or_defer(ticket, None)
     }
 
-    /// [`Repo::settle`], then the item event. Inside [`Repo::deferring`], a write whose flush
-    /// is already under way for others is left to [`Repo::complete`] instead of holding this
-    /// thread until that flush ends.
+    /// [`Repo::settle`], then the item event. Inside [`Repo::deferring`], a write not yet
+    /// durable is left to [`Repo::complete`] instead of holding this thread until the store's
+    /// flusher has made it so.
     fn settle_or_defer(&self, ticket: Ticket, event: Option<ItemEvent>) -> Result<()> {
         self.signal_change();
         let durable = if DEFERRED.with_borrow(Option::is_some) {
@@ -317,10 +317,10 @@ impl Repo {
         Ok(())
     }
 
-    /// Run the writes in `f` without waiting on this thread for flushes that others lead: what
-    /// is left to wait for comes back as [`Deferred`], for [`Repo::complete`]. A blocking
-    /// thread held through a flush it does not lead is a thread no other write can use (and
-    /// a write that cannot start misses that flush's group).
+    /// Run the writes in `f` without waiting on this thread for their flush: what is left to
+    /// wait for comes back as [`Deferred`], for [`Repo::complete`]. A blocking thread held
+    /// through a flush is a thread no other write can use (and a write that cannot start
+    /// misses that flush's group).
     pub fn deferring<T>(&self, f: impl FnOnce() -> Result<T>) -> (Result<T>, Vec<Deferred>) {
         struct Reset;
         impl Drop for Reset {
@@ -337,19 +337,10 @@ impl Repo {
     }
 
     /// Finish writes left by [`Repo::deferring`]: wait (without a thread) for the flush that
-    /// covers each, leading one on the blocking pool when none is under way; then the same
-    /// signals and events as a write that waited. The write is acknowledged only after this.
+    /// covers each; then the same signals and events as a write that waited. The write is acknowledged only after this.
     pub async fn complete(self: &Arc<Self>, deferred: Vec<Deferred>) -> Result<()> {
         for d in deferred {
-            while !self.store.flush_done(d.ticket).await? {
-                let repo = self.clone();
-                let led = tokio::task::spawn_blocking(move || repo.store.try_settle(d.ticket))
-                    .await
-                    .map_err(|e| StoreError::FlushFailed(format!("the flush task ended: {e}")))??;
-                if led {
-                    break;
-                }
-            }
+            self.store.flush_done(d.ticket).await?;
             self.signal_change();
             if let Some(event) = d.event {
                 let _ = self.events.send(event);

@@ -23,10 +23,10 @@
 //! Snapshot and chunks are separate keys so a torn or corrupt chunk never costs the snapshot.
 //!
 //! Durability: [`Store::commit`] applies a write and returns a ticket; [`Store::wait_durable`]
-//! returns once a flush that started after the batch was applied has finished. Concurrent
-//! waiters share flushes (leader/follower group commit): one fsync covers every batch applied
-//! before it began. All calls block (async callers use `spawn_blocking`), except
-//! [`Store::flush_done`], which lets a follower wait for a flush under way as a task.
+//! returns once a flush that started after the write was applied has finished. A flusher
+//! thread makes the flushes (group commit, see [`Durable`]): one fsync covers every write
+//! applied before it began. All calls block (async callers use `spawn_blocking`), except
+//! [`Store::flush_done`], which lets a writer wait for its flush as a task.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -41,10 +41,10 @@ use crate::hlc::Hlc;
 
 mod rewrite;
 
-/// Longest a flush leader waits for other writes under way to apply their batches, so one
-/// fsync covers them too (PostgreSQL's `commit_delay`). A lone writer never waits. Under 8
-/// API clients a group of 6 writes per fsync instead of 2 (300 µs) paid for the wait: each
-/// fsync costs sled a thread-pool hand-off that wakes all seven of its I/O threads.
+/// Longest the flusher waits for other writes under way to apply, so one fsync covers them
+/// too (PostgreSQL's `commit_delay`). A lone writer is not kept waiting. Under 8 API clients
+/// a group of 6 writes per fsync instead of 2 (300 µs) paid for the wait: each fsync costs
+/// sled a thread-pool hand-off that wakes all seven of its I/O threads.
 const GROUP_COMMIT_WAIT: Duration = Duration::from_millis(1);
 
 thread_local! {
@@ -547,8 +547,124 @@ struct FlushState {
     flushed: u64,
     /// Every change sequence number up to this one is durable.
     durable_seq: u64,
+    /// The highest ticket a writer waits for.
+    wanted: u64,
     in_progress: bool,
-    last_error: Option<String>,
+    /// The last flush's error, and the highest ticket wanted when it began.
+    last_error: Option<(String, u64)>,
+    /// The store is closing: the flusher ends once nothing is wanted.
+    stop: bool,
+}
+
+/// Group commit: the flusher thread ([`Durable::run`]) and what writers share with it.
+///
+/// A writer applies its batch, marks the ticket it waits for as wanted, and waits (on a
+/// blocking thread, or as a task with [`Store::flush_done`]). The flusher waits until a
+/// ticket is wanted, then up to [`GROUP_COMMIT_WAIT`] for the other writes under way to
+/// apply, flushes once for all of them, and starts over. Writers never flush themselves: a
+/// blocking thread holding a flush (and its wait for the group) is one that no write can use
+/// to apply, and the blocking pool is small (`BLOCKING_THREADS` in `main.rs`).
+struct Durable {
+    db: sled::Db,
+    /// sled's log file (`db` in the store directory), for `fdatasync`.
+    log_file: std::fs::File,
+    state: Mutex<FlushState>,
+    /// Signalled when a flush ends.
+    flushed_cv: Condvar,
+    /// The flushed ticket, sent after every flush (and failed flush) for waiters without a
+    /// thread ([`Store::flush_done`]).
+    flushed_tx: tokio::sync::watch::Sender<u64>,
+    /// Wakes the flusher: a ticket wanted, a write applied or given up, the store closing.
+    wake_cv: Condvar,
+    /// Writes between [`Store::begin_write`] (or [`Store::announce_write`]) and the end of
+    /// their durability wait, less those of threads settling now.
+    writers: AtomicUsize,
+    /// Highest ticket handed out.
+    applied: AtomicU64,
+    /// The change sequence number of the last batch applied.
+    applied_seq: AtomicU64,
+    /// How long the flusher waits for writes under way, in µs ([`GROUP_COMMIT_WAIT`]; tests
+    /// set it).
+    group_wait_us: AtomicU64,
+    flushes: AtomicU64,
+    /// A flush failed with an I/O error. sled 0.34 keeps failing after one (its error is
+    /// sticky) until the store is reopened.
+    io_failed: std::sync::atomic::AtomicBool,
+}
+
+impl Durable {
+    /// Make everything applied so far durable. sled 0.34 writes its log with
+    /// `sync_file_range` on Linux, which neither flushes the device's write cache nor
+    /// persists the file's size: an `fdatasync` of the log file after it does.
+    fn sync(&self) -> sled::Result<()> {
+        self.db.flush()?;
+        self.log_file.sync_data()?;
+        Ok(())
+    }
+
+    /// Wake the flusher. The state lock is taken first so the wake-up cannot fall between
+    /// the flusher's check and its wait (it would then sit out its wait for nothing).
+    fn wake(&self) {
+        drop(self.state.lock().expect("flush lock"));
+        self.wake_cv.notify_all();
+    }
+
+    /// The flusher thread's loop; returns when the store closes.
+    fn run(&self) {
+        // Something to flush: a ticket wanted and not yet flushed, other than those the last
+        // (failed) flush was for. A writer asking again after that makes it try again.
+        let due = |st: &FlushState| {
+            st.wanted > st.flushed && st.last_error.as_ref().is_none_or(|e| st.wanted > e.1)
+        };
+        let mut st = self.state.lock().expect("flush lock");
+        loop {
+            while !due(&st) && !st.stop {
+                st = self.wake_cv.wait(st).expect("flush lock");
+            }
+            if !due(&st) {
+                return;
+            }
+            st.in_progress = true;
+            // Let writers already under way apply first, so this flush covers them too.
+            let wait = Duration::from_micros(self.group_wait_us.load(Ordering::Relaxed));
+            let deadline = Instant::now() + wait;
+            loop {
+                let now = Instant::now();
+                if self.writers.load(Ordering::SeqCst) == 0 || now >= deadline {
+                    break;
+                }
+                st = self
+                    .wake_cv
+                    .wait_timeout(st, deadline - now)
+                    .expect("flush lock")
+                    .0;
+            }
+            let wanted = st.wanted;
+            drop(st);
+            // Every ticket handed out so far belongs to a batch already applied, and so does
+            // the sequence number read after it: the flush covers both.
+            let target = self.applied.load(Ordering::SeqCst);
+            let seq = self.applied_seq.load(Ordering::SeqCst);
+            let result = self.sync();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            st = self.state.lock().expect("flush lock");
+            st.in_progress = false;
+            match result {
+                Ok(_) => {
+                    st.flushed = st.flushed.max(target);
+                    st.durable_seq = st.durable_seq.max(seq);
+                    st.last_error = None;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store flush failed");
+                    self.io_failed.store(true, Ordering::SeqCst);
+                    st.last_error = Some((e.to_string(), wanted));
+                }
+            }
+            self.flushed_cv.notify_all();
+            self.flushed_tx.send_replace(st.flushed);
+        }
+    }
 }
 
 /// One document as the change feed offers it to a peer.
@@ -568,29 +684,12 @@ pub struct Store {
     cache_bytes: u64,
     incarnation: Uuid,
     commit: Mutex<CommitState>,
-    /// Highest ticket handed out.
-    applied: AtomicU64,
-    flush: Mutex<FlushState>,
-    flushed_cv: Condvar,
-    /// The flushed ticket, sent after every flush (and failed flush) for waiters without a
-    /// thread ([`Store::flush_done`]).
-    flushed_tx: tokio::sync::watch::Sender<u64>,
-    /// Signalled when a batch is applied (wakes a flush leader waiting for its group).
-    applied_cv: Condvar,
-    /// Writes between [`Store::begin_write`] (or [`Store::announce_write`]) and the end of
-    /// their durability wait, less those of threads settling now.
-    writers: AtomicUsize,
-    /// How long a flush leader waits for them ([`GROUP_COMMIT_WAIT`]; tests set it).
-    group_wait: Duration,
+    durable: std::sync::Arc<Durable>,
+    /// The flusher thread, ended and joined when the store is dropped.
+    flusher: Option<std::thread::JoinHandle<()>>,
     display_next: AtomicU64,
     /// Next sync log entry number.
     log_next: AtomicU64,
-    flushes: AtomicU64,
-    /// sled's log file (`db` in the store directory), for `fdatasync`.
-    log_file: std::fs::File,
-    /// A flush failed with an I/O error. sled 0.34 keeps failing after one (its error is
-    /// sticky) until the store is reopened.
-    io_failed: std::sync::atomic::AtomicBool,
     /// Document digests by id, for set reconciliation; built on first use, then kept current
     /// by every commit.
     digests: Mutex<Option<BTreeMap<Uuid, u128>>>,
@@ -700,30 +799,45 @@ impl Store {
         if let Err(e) = &marked {
             tracing::warn!(error = %e, "cannot mark the store open; it takes no writes");
         }
+        let durable = std::sync::Arc::new(Durable {
+            db: db.clone(),
+            log_file,
+            state: Mutex::new(FlushState {
+                flushed: 0,
+                // Everything below is durable: on disk, or the gap (its floor is).
+                durable_seq: next_seq - 1,
+                wanted: 0,
+                in_progress: false,
+                last_error: None,
+                stop: false,
+            }),
+            flushed_cv: Condvar::new(),
+            flushed_tx: tokio::sync::watch::Sender::new(0),
+            wake_cv: Condvar::new(),
+            writers: AtomicUsize::new(0),
+            applied: AtomicU64::new(0),
+            applied_seq: AtomicU64::new(next_seq - 1),
+            group_wait_us: AtomicU64::new(GROUP_COMMIT_WAIT.as_micros() as u64),
+            flushes: AtomicU64::new(0),
+            io_failed: std::sync::atomic::AtomicBool::new(marked.is_err()),
+        });
+        let flusher = std::thread::Builder::new()
+            .name("store-flush".into())
+            .spawn({
+                let durable = durable.clone();
+                move || durable.run()
+            })
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Store {
             db,
             path: path.to_path_buf(),
             cache_bytes,
             incarnation,
             commit: Mutex::new(state),
-            applied: AtomicU64::new(0),
-            flush: Mutex::new(FlushState {
-                flushed: 0,
-                // Everything below is durable: on disk, or the gap (its floor is).
-                durable_seq: next_seq - 1,
-                in_progress: false,
-                last_error: None,
-            }),
-            flushed_cv: Condvar::new(),
-            flushed_tx: tokio::sync::watch::Sender::new(0),
-            applied_cv: Condvar::new(),
-            writers: AtomicUsize::new(0),
-            group_wait: GROUP_COMMIT_WAIT,
+            durable,
+            flusher: Some(flusher),
             display_next: AtomicU64::new(display_next),
             log_next: AtomicU64::new(log_next),
-            flushes: AtomicU64::new(0),
-            io_failed: std::sync::atomic::AtomicBool::new(marked.is_err()),
-            log_file,
             digests: Mutex::new(None),
             recent: Mutex::new(Recent {
                 entries: Default::default(),
@@ -762,17 +876,17 @@ impl Store {
 
     /// Every change sequence number up to this one is durable.
     pub fn durable_seq(&self) -> u64 {
-        self.flush.lock().expect("flush lock").durable_seq
+        self.durable.state.lock().expect("flush lock").durable_seq
     }
 
     /// Whether a flush failed (disk full, I/O error): the store refuses writes until it is
     /// reopened (see `Node::store_recoverable`).
     pub fn failed(&self) -> bool {
-        self.io_failed.load(Ordering::SeqCst)
+        self.durable.io_failed.load(Ordering::SeqCst)
     }
 
     pub fn flush_count(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
+        self.durable.flushes.load(Ordering::Relaxed)
     }
 
     pub fn size_on_disk(&self) -> Result<u64> {
@@ -904,7 +1018,7 @@ impl Store {
         if let Err(e) = self.apply(&ops) {
             // An I/O error here (a full disk) is as sticky as a failed flush.
             if matches!(e, sled::Error::Io(_)) {
-                self.io_failed.store(true, Ordering::SeqCst);
+                self.durable.io_failed.store(true, Ordering::SeqCst);
                 return Err(StoreError::WriteFailed(e.to_string()));
             }
             return Err(e.into());
@@ -920,10 +1034,13 @@ impl Store {
                 r.add(e, keep);
             }
         }
+        self.durable
+            .applied_seq
+            .store(next.next_seq - 1, Ordering::SeqCst);
         *st = next;
-        let ticket = Ticket(self.applied.fetch_add(1, Ordering::SeqCst) + 1);
+        let ticket = Ticket(self.durable.applied.fetch_add(1, Ordering::SeqCst) + 1);
         drop(st);
-        self.wake_flush_leader();
+        self.durable.wake();
         Ok((ticket, metas, refused))
     }
 
@@ -1046,39 +1163,28 @@ impl Store {
         meta
     }
 
-    /// Block until the batch behind `ticket` is durable (group commit: concurrent waiters share
-    /// one flush).
+    /// Block until the batch behind `ticket` is durable (group commit: one flush covers every
+    /// batch applied before it began).
     pub fn wait_durable(&self, ticket: Ticket) -> Result<()> {
         self.settle(ticket, true).map(|_| ())
     }
 
-    /// Make the batch behind `ticket` durable if no flush is under way (leading one, as
-    /// [`Store::wait_durable`] does); if one is, return `false` at once instead of waiting for
-    /// it: the caller waits without a thread ([`Store::flush_done`]) and comes back.
+    /// Ask for the batch behind `ticket` to be made durable, and say whether it is already
+    /// (`true`) without waiting: the caller then waits without a thread
+    /// ([`Store::flush_done`]).
     pub fn try_settle(&self, ticket: Ticket) -> Result<bool> {
         self.settle(ticket, false)
     }
 
-    /// Wait, without holding a thread, until the batch behind `ticket` is durable (`true`) or
-    /// no flush is under way that could make it so (`false`: lead one with
-    /// [`Store::try_settle`] on a blocking thread).
-    pub async fn flush_done(&self, ticket: Ticket) -> Result<bool> {
-        let mut done = self.flushed_tx.subscribe();
+    /// Wait, without holding a thread, until the batch behind `ticket` is durable.
+    pub async fn flush_done(&self, ticket: Ticket) -> Result<()> {
+        let mut done = self.durable.flushed_tx.subscribe();
         loop {
             // Mark the current value seen before reading the state: a flush that ends after
             // this read sends a new value, so `changed` below cannot miss it.
             done.borrow_and_update();
-            {
-                let st = self.flush.lock().expect("flush lock");
-                if st.flushed >= ticket.0 {
-                    return Ok(true);
-                }
-                if !st.in_progress {
-                    return match &st.last_error {
-                        Some(e) => Err(StoreError::FlushFailed(e.clone())),
-                        None => Ok(false),
-                    };
-                }
+            if self.settle_inner(ticket, false)? {
+                return Ok(());
             }
             if done.changed().await.is_err() {
                 return Err(StoreError::FlushFailed("the store was closed".into()));
@@ -1090,88 +1196,42 @@ impl Store {
         // This thread's writes have applied what they will apply before this flush.
         let mine = OWN_WRITES.get();
         if mine > 0 {
-            self.writers.fetch_sub(mine, Ordering::SeqCst);
-            // A leader may be waiting for exactly these.
-            self.wake_flush_leader();
+            self.durable.writers.fetch_sub(mine, Ordering::SeqCst);
         }
         let r = self.settle_inner(ticket, wait);
-        self.writers.fetch_add(mine, Ordering::SeqCst);
+        if mine > 0 {
+            self.durable.writers.fetch_add(mine, Ordering::SeqCst);
+        }
         r
     }
 
+    /// Whether `ticket` is durable; if not, want it flushed (waking the flusher) and, with
+    /// `wait`, wait for that. An error if the flush that was to cover it failed.
     fn settle_inner(&self, ticket: Ticket, wait: bool) -> Result<bool> {
-        let mut st = self.flush.lock().expect("flush lock");
+        let d = &self.durable;
+        let mut st = d.state.lock().expect("flush lock");
         loop {
             if st.flushed >= ticket.0 {
                 return Ok(true);
             }
-            if !st.in_progress {
-                st.in_progress = true;
-                // Let writers already under way apply first, so this flush covers them too.
-                let deadline = Instant::now() + self.group_wait;
-                loop {
-                    let now = Instant::now();
-                    if self.writers.load(Ordering::SeqCst) == 0 || now >= deadline {
-                        break;
-                    }
-                    st = self
-                        .applied_cv
-                        .wait_timeout(st, deadline - now)
-                        .expect("flush lock")
-                        .0;
-                }
-                drop(st);
-                // Every ticket handed out so far belongs to a batch already applied; tickets
-                // and sequence numbers move together under the commit lock.
-                let (target, seq) = {
-                    let c = self.commit.lock().expect("commit lock");
-                    (self.applied.load(Ordering::SeqCst), c.next_seq - 1)
-                };
-                let result = self.sync();
-                self.flushes.fetch_add(1, Ordering::Relaxed);
-                st = self.flush.lock().expect("flush lock");
-                st.in_progress = false;
-                self.flushed_cv.notify_all();
-                let outcome = match result {
-                    Ok(_) => {
-                        st.flushed = st.flushed.max(target);
-                        st.durable_seq = st.durable_seq.max(seq);
-                        st.last_error = None;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "store flush failed");
-                        self.io_failed.store(true, Ordering::SeqCst);
-                        st.last_error = Some(e.to_string());
-                        Err(StoreError::FlushFailed(e.to_string()))
-                    }
-                };
-                self.flushed_tx.send_replace(st.flushed);
-                outcome?;
-                continue;
-            }
-            if !wait {
-                return Ok(false);
-            }
-            st = self.flushed_cv.wait(st).expect("flush lock");
-            if let Some(e) = &st.last_error {
-                if st.flushed < ticket.0 && !st.in_progress {
+            if let Some((e, upto)) = &st.last_error {
+                if *upto >= ticket.0 && !st.in_progress {
                     return Err(StoreError::FlushFailed(e.clone()));
                 }
             }
+            st.wanted = st.wanted.max(ticket.0);
+            // Also when it was wanted already: the writers the flusher waits for may be down
+            // to none now (this one, settling, no longer counts).
+            d.wake_cv.notify_all();
+            if !wait {
+                return Ok(false);
+            }
+            st = d.flushed_cv.wait(st).expect("flush lock");
         }
     }
 
-    /// Tell a flush leader waiting for writers under way that one applied or gave up. The
-    /// flush lock is taken first so the wake-up cannot fall between the leader's check and
-    /// its wait (it would then sit out [`GROUP_COMMIT_WAIT`] for nothing).
-    fn wake_flush_leader(&self) {
-        drop(self.flush.lock().expect("flush lock"));
-        self.applied_cv.notify_all();
-    }
-
-    /// Register a write that will commit and wait for durability; the group-commit leader
-    /// waits (briefly) for registered writers to apply before flushing.
+    /// Register a write that will commit and wait for durability; the flusher waits
+    /// (briefly) for registered writers to apply before flushing.
     pub fn begin_write(&self) -> WriteGuard<'_> {
         self.announce_write();
         self.adopt_write()
@@ -1181,7 +1241,7 @@ impl Store {
     /// queued for the blocking pool): that thread takes the registration over with
     /// [`Store::adopt_write`], or it is given up with [`Store::withdraw_write`].
     pub fn announce_write(&self) {
-        self.writers.fetch_add(1, Ordering::SeqCst);
+        self.durable.writers.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Take over a registration made by [`Store::announce_write`] on the calling thread.
@@ -1192,8 +1252,8 @@ impl Store {
 
     /// Give up a registration made by [`Store::announce_write`] that no thread adopted.
     pub fn withdraw_write(&self) {
-        self.writers.fetch_sub(1, Ordering::SeqCst);
-        self.wake_flush_leader();
+        self.durable.writers.fetch_sub(1, Ordering::SeqCst);
+        self.durable.wake();
     }
 
     /// Flush everything, with the state record current.
@@ -1214,7 +1274,7 @@ impl Store {
             self.db.remove(META_OPEN)?;
         }
         drop(st);
-        self.sync()?;
+        self.durable.sync()?;
         Ok(())
     }
 
@@ -1278,15 +1338,6 @@ impl Store {
                 Ok(None)
             }
         }
-    }
-
-    /// Make everything applied so far durable. sled 0.34 writes its log with
-    /// `sync_file_range` on Linux, which neither flushes the device's write cache nor
-    /// persists the file's size: an `fdatasync` of the log file after it does.
-    fn sync(&self) -> sled::Result<()> {
-        self.db.flush()?;
-        self.log_file.sync_data()?;
-        Ok(())
     }
 
     pub fn incarnation(&self) -> Uuid {
@@ -1515,7 +1566,7 @@ impl Store {
     /// entry) while the page was read, and the document's older, durable state would lie
     /// behind the reader's checkpoint unseen.
     fn feed_durable(&self) -> Result<()> {
-        self.wait_durable(Ticket(self.applied.load(Ordering::SeqCst)))
+        self.wait_durable(Ticket(self.durable.applied.load(Ordering::SeqCst)))
     }
 
     /// How many documents changed after `since` that a pull by the peer tagged `skip_source`
@@ -1816,13 +1867,25 @@ impl Store {
 /// `Send`: it is counted in its thread's `OWN_WRITES`.
 pub struct WriteGuard<'a>(&'a Store, std::marker::PhantomData<*const ()>);
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.durable.state.lock().expect("flush lock").stop = true;
+        self.durable.wake_cv.notify_all();
+        if let Some(flusher) = self.flusher.take() {
+            if flusher.join().is_err() {
+                tracing::error!("the store's flusher thread panicked");
+            }
+        }
+    }
+}
+
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         OWN_WRITES.set(OWN_WRITES.get() - 1);
-        self.0.writers.fetch_sub(1, Ordering::SeqCst);
+        self.0.durable.writers.fetch_sub(1, Ordering::SeqCst);
         // A write that ends without committing (nothing changed, refused, failed) must not
-        // keep a flush leader waiting for it.
-        self.0.wake_flush_leader();
+        // keep the flusher waiting for it.
+        self.0.durable.wake();
     }
 }
 
@@ -1886,10 +1949,12 @@ mod tests {
     #[test]
     fn a_flush_waits_for_other_writes_under_way_and_not_for_its_own() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = Store::open(dir.path()).expect("open");
+        let store = Store::open(dir.path()).expect("open");
         // Long enough that a flush which waited out the window cannot pass for one that did not.
-        store.group_wait = Duration::from_secs(60);
-        let store = store;
+        store
+            .durable
+            .group_wait_us
+            .store(60_000_000, Ordering::Relaxed);
         let t = Uuid::now_v7();
         let commit_and_wait = |store: &Store| {
             let ticket = store
@@ -1925,7 +1990,7 @@ mod tests {
             s.spawn(|| {
                 let _writing = store.adopt_write();
                 let deadline = Instant::now() + Duration::from_secs(30);
-                while !store.flush.lock().expect("flush lock").in_progress {
+                while !store.durable.state.lock().expect("flush lock").in_progress {
                     assert!(Instant::now() < deadline, "no flush was led");
                     std::thread::yield_now();
                 }
@@ -1945,7 +2010,7 @@ mod tests {
             started.elapsed() < Duration::from_secs(30),
             "waited for a withdrawn write"
         );
-        assert_eq!(store.writers.load(Ordering::SeqCst), 0);
+        assert_eq!(store.durable.writers.load(Ordering::SeqCst), 0);
     }
 
     #[test]
@@ -2326,7 +2391,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_write_waits_for_a_flush_under_way_without_a_thread_and_leads_one_otherwise() {
+    async fn a_write_waits_for_its_flush_without_a_thread_and_hears_of_a_failed_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
         let t = Uuid::now_v7();
@@ -2336,54 +2401,49 @@ mod tests {
                 .expect("commit")
                 .0
         };
+        // Hold the flusher in its wait for a write under way.
+        store
+            .durable
+            .group_wait_us
+            .store(60_000_000, Ordering::Relaxed);
+        store.announce_write();
         let ticket = commit(1);
-        // No flush under way: nobody else will make it durable.
-        assert!(!store.flush_done(ticket).await.expect("state"));
-        // Another writer leads a flush: trying does not wait for it on this thread...
-        store.flush.lock().expect("flush lock").in_progress = true;
+        let flushes = store.flush_count();
+        // Asking does not wait on this thread...
         assert!(!store.try_settle(ticket).expect("try"));
-        // ...the wait is a task, woken when that flush ends.
+        // ...the wait is a task, woken when the flush covering the write ends.
         let waiter = tokio::spawn({
             let s = store.clone();
             async move { s.flush_done(ticket).await }
         });
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "waits for the flush under way");
-        {
-            // That flush ends, covering the write (what the leader does after its sync).
-            let mut st = store.flush.lock().expect("flush lock");
-            st.in_progress = false;
-            st.flushed = ticket.0;
-            store.flushed_tx.send_replace(st.flushed);
-        }
-        assert!(waiter.await.expect("task").expect("state"), "durable");
+        assert!(!waiter.is_finished(), "durable before its flush");
+        store.withdraw_write();
+        waiter.await.expect("task").expect("durable");
+        assert_eq!(store.flush_count(), flushes + 1);
+        assert!(store.try_settle(ticket).expect("try"), "durable now");
 
-        // A flush under way that fails: the waiter gets the error.
+        // A flush that failed for a write: its waiters get the error, and the flusher does
+        // not try again until a write asks after it.
         let ticket = commit(2);
-        store.flush.lock().expect("flush lock").in_progress = true;
-        let waiter = tokio::spawn({
-            let s = store.clone();
-            async move { s.flush_done(ticket).await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
         {
-            let mut st = store.flush.lock().expect("flush lock");
-            st.in_progress = false;
-            st.last_error = Some("disk full".into());
-            store.flushed_tx.send_replace(st.flushed);
+            let mut st = store.durable.state.lock().expect("flush lock");
+            st.last_error = Some(("disk full".into(), u64::MAX));
         }
+        let flushes = store.flush_count();
         assert!(matches!(
-            waiter.await.expect("task"),
+            store.flush_done(ticket).await,
             Err(StoreError::FlushFailed(e)) if e == "disk full"
         ));
-
-        // No flush under way: trying leads one, and the write is durable when it returns.
-        store.flush.lock().expect("flush lock").last_error = None;
-        let flushes = store.flush_count();
-        assert!(store.try_settle(ticket).expect("try"));
+        assert!(matches!(
+            store.wait_durable(ticket),
+            Err(StoreError::FlushFailed(e)) if e == "disk full"
+        ));
+        assert_eq!(store.flush_count(), flushes, "not retried");
+        // Room again (what a flush that succeeds records): the write goes through.
+        store.durable.state.lock().expect("flush lock").last_error = None;
+        store.flush_done(ticket).await.expect("durable");
         assert_eq!(store.flush_count(), flushes + 1);
-        assert!(store.flush_done(ticket).await.expect("state"));
     }
 
     #[test]
@@ -2414,7 +2474,7 @@ mod tests {
         store
             .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![3]), false))
             .expect("commit");
-        store.io_failed.store(true, Ordering::SeqCst);
+        store.durable.io_failed.store(true, Ordering::SeqCst);
         let (page, last, more) = store.feed_since(0, 10, 1 << 20, 0).expect("feed");
         assert_eq!((page.len(), last, more), (2, 2, false));
         let (page, last, _) = store.feed_since(2, 10, 1 << 20, 0).expect("feed");
@@ -2492,7 +2552,7 @@ mod tests {
         store
             .commit(write(Uuid::now_v7(), t, DocData::Snapshot(vec![1]), false))
             .expect("commit");
-        store.io_failed.store(true, Ordering::SeqCst);
+        store.durable.io_failed.store(true, Ordering::SeqCst);
         let (docs, l, _) = store
             .feed_recent(last, 10, 1 << 20, 0, None)
             .expect("covered");
