@@ -355,7 +355,7 @@ fn redo(db: &sled::Db) -> Result<()> {
     db.apply_batch(batch)?;
     db.flush()?;
     tracing::info!(
-        writes = ops.0.len(),
+        writes = ops.writes.len(),
         "finished a write the last run left half applied"
     );
     Ok(())
@@ -455,33 +455,51 @@ impl CommitState {
     }
 }
 
-/// A commit's writes, in order: applied as one sled batch, or one by one behind a redo record
-/// holding them all (see [`Store::commit_batch_new`]).
+/// A commit's writes: applied as one sled batch, or one by one behind a redo record (see
+/// [`Store::apply`]).
 #[derive(Debug, Default, PartialEq)]
-struct Ops(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+struct Ops {
+    /// Inserts of keys that no reader looks at until metadata written later in the commit
+    /// points to them: a new document's snapshot, a chunk past a document's chunk count.
+    /// Written before the redo record and left out of it: a crash that cuts the commit
+    /// before the record leaves them unread, and the next write reuses the chunk's key.
+    unseen: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Every other write, in order.
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
 
 impl Ops {
     fn insert(&mut self, k: Vec<u8>, v: impl Into<Vec<u8>>) {
-        self.0.push((k, Some(v.into())));
+        self.writes.push((k, Some(v.into())));
+    }
+
+    fn insert_unseen(&mut self, k: Vec<u8>, v: impl Into<Vec<u8>>) {
+        self.unseen.push((k, v.into()));
     }
 
     fn remove(&mut self, k: Vec<u8>) {
-        self.0.push((k, None));
+        self.writes.push((k, None));
     }
 
     /// Keys and values, in bytes.
     fn bytes(&self) -> usize {
-        self.0
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum()
+        let unseen: usize = self.unseen.iter().map(|(k, v)| k.len() + v.len()).sum();
+        unseen
+            + self
+                .writes
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
     }
 
     /// The same writes as one sled batch (in which the last write to a key wins, as applying
     /// them in order would leave it).
     fn to_batch(&self) -> sled::Batch {
         let mut batch = sled::Batch::default();
-        for (k, v) in &self.0 {
+        for (k, v) in &self.unseen {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        for (k, v) in &self.writes {
             match v {
                 Some(v) => batch.insert(k.as_slice(), v.as_slice()),
                 None => batch.remove(k.as_slice()),
@@ -490,13 +508,14 @@ impl Ops {
         batch
     }
 
-    /// Version 1, the number of writes u32 BE, then per write: 1 (insert) or 0 (remove), key
-    /// length u32 BE, key, and for an insert value length u32 BE, value.
+    /// The redo record of `writes` (not `unseen`): version 1, the number of writes u32 BE,
+    /// then per write 1 (insert) or 0 (remove), key length u32 BE, key, and for an insert
+    /// value length u32 BE, value.
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(5 + self.bytes() + 9 * self.0.len());
+        let mut out = Vec::with_capacity(5 + self.bytes() + 9 * self.writes.len());
         out.push(1);
-        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
-        for (k, v) in &self.0 {
+        out.extend_from_slice(&(self.writes.len() as u32).to_be_bytes());
+        for (k, v) in &self.writes {
             out.push(v.is_some() as u8);
             out.extend_from_slice(&(k.len() as u32).to_be_bytes());
             out.extend_from_slice(k);
@@ -536,7 +555,7 @@ impl Ops {
             } else {
                 None
             };
-            ops.0.push((k, v));
+            ops.writes.push((k, v));
         }
         b.is_empty().then_some(ops)
     }
@@ -925,7 +944,11 @@ impl Store {
             .to_vec();
         let mut chunks = Vec::new();
         let mut chunk_seqs = Vec::new();
-        for kv in self.db.scan_prefix(key(P_CHUNK, &[id.as_bytes()])) {
+        // Only the chunks the metadata counts: one past them is a torn write's (see
+        // `Ops::unseen`), never acknowledged, and the next write's key.
+        let first = key(P_CHUNK, &[id.as_bytes(), &0u32.to_be_bytes()]);
+        let end = key(P_CHUNK, &[id.as_bytes(), &meta.chunks.to_be_bytes()]);
+        for kv in self.db.range(first..end) {
             let v = kv?.1;
             let (seq, bytes) = decode_chunk(&v);
             chunks.push(bytes.to_vec());
@@ -1049,32 +1072,47 @@ impl Store {
     /// sled 0.34's `apply_batch` costs two writes of its log per call, each handed to its I/O
     /// thread pool and waited out there with `sync_file_range`, and it stops every reader
     /// while it applies; for one document that was most of a write's cost. So a small commit
-    /// is applied as plain inserts instead: first a redo record holding all of its writes,
-    /// then the writes, then the record's removal, all in the log buffer that the next flush
-    /// writes out. sled recovers a prefix of its log, so after a crash either the record is
-    /// missing (and so is every write after it) or it is there and the next open finishes
-    /// the commit from it ([`redo`]). Readers of more than one key ([`Store::load_doc`])
-    /// hold `view` for reading, so they never see half of one either.
+    /// is applied as plain inserts instead: the inserts no reader sees yet ([`Ops::unseen`]),
+    /// a redo record holding all the other writes, those writes, and the record's removal,
+    /// all in the log buffer that the next flush writes out. sled recovers a prefix of its
+    /// log, so after a crash either the record is missing (and so is every write after it;
+    /// unseen inserts before it stay unread) or it is there and the next open finishes the
+    /// commit from it ([`redo`]). Readers of more than one key ([`Store::load_doc`]) hold
+    /// `view` for reading, so they never see half of one either.
     fn apply(&self, ops: &Ops) -> sled::Result<()> {
         if ops.bytes() > SMALL_WRITE_BYTES || self.batch_only {
             return self.db.apply_batch(ops.to_batch());
         }
         let _view = self.view.write().expect("view lock");
-        self.db.insert(META_REDO, ops.encode())?;
-        let writes = &ops.0[..];
+        let redo = ops.encode();
+        let steps = ops
+            .unseen
+            .iter()
+            .map(|(k, v)| (k.as_slice(), Some(v.as_slice())))
+            .chain(std::iter::once((META_REDO, Some(redo.as_slice()))))
+            .chain(ops.writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+            .chain(std::iter::once((META_REDO, None)));
         #[cfg(test)]
-        let writes = &writes[..self.torn_after.unwrap_or(usize::MAX).min(writes.len())];
-        for (k, v) in writes {
+        let steps = {
+            let cut = self.torn_after.unwrap_or(usize::MAX);
+            let all = ops.unseen.len() + ops.writes.len() + 2;
+            if cut < all {
+                for (k, v) in steps.take(cut) {
+                    match v {
+                        Some(v) => self.db.insert(k, v)?,
+                        None => self.db.remove(k)?,
+                    };
+                }
+                return Err(sled::Error::Unsupported("torn on purpose".into()));
+            }
+            steps
+        };
+        for (k, v) in steps {
             match v {
-                Some(v) => self.db.insert(k.as_slice(), v.as_slice())?,
-                None => self.db.remove(k.as_slice())?,
+                Some(v) => self.db.insert(k, v)?,
+                None => self.db.remove(k)?,
             };
         }
-        #[cfg(test)]
-        if writes.len() < ops.0.len() {
-            return Err(sled::Error::Unsupported("torn on purpose".into()));
-        }
-        self.db.remove(META_REDO)?;
         Ok(())
     }
 
@@ -1093,7 +1131,12 @@ impl Store {
         let seq = next.next_seq;
         let (chunks, snapshot_seq) = match &w.data {
             DocData::Snapshot(bytes) => {
-                ops.insert(key(P_SNAPSHOT, &[id.as_bytes()]), bytes.as_slice());
+                let k = key(P_SNAPSHOT, &[id.as_bytes()]);
+                match &old {
+                    None => ops.insert_unseen(k, bytes.as_slice()),
+                    // A compaction replaces a snapshot readers load.
+                    Some(_) => ops.insert(k, bytes.as_slice()),
+                }
                 for n in 0..old.as_ref().map_or(0, |m| m.chunks) {
                     ops.remove(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]));
                 }
@@ -1105,7 +1148,8 @@ impl Store {
                 value.push(CHUNK_V1);
                 value.extend_from_slice(&seq.to_be_bytes());
                 value.extend_from_slice(bytes);
-                ops.insert(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]), value);
+                // Past the count in the document's metadata until the metadata below.
+                ops.insert_unseen(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]), value);
                 (n + 1, old.as_ref().map_or(0, |m| m.snapshot_seq))
             }
         };
@@ -2295,23 +2339,56 @@ mod tests {
     }
 
     #[test]
-    fn a_small_write_cut_short_by_a_crash_is_finished_at_open() {
+    fn a_small_write_cut_short_by_a_crash_is_finished_at_open_or_never_seen() {
         let (t, a, b) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let all = mixed_writes(t, a, b);
+        // What readers see: documents, counters, listing, lookups and the feed.
+        type Doc = Option<(DocMeta, Vec<u8>, Vec<Vec<u8>>)>;
+        type Visible = (
+            Vec<Doc>,
+            u64,
+            u64,
+            Vec<Uuid>,
+            Vec<(u64, Uuid)>,
+            [Option<Uuid>; 2],
+        );
+        let visible = |store: &Store| -> Visible {
+            let docs = [t, a, b]
+                .iter()
+                .map(|id| {
+                    let d = store.load_doc(*id).expect("load")?;
+                    Some((d.meta, d.snapshot, d.chunks))
+                })
+                .collect();
+            let (listed, _) = store.items_of_tracker(t, None, 100, None).expect("list");
+            let (feed, _, _) = store.feed_since(0, 1000, usize::MAX, 0).expect("feed");
+            (
+                docs,
+                store.live_items(),
+                store.tracker_count(),
+                listed,
+                feed.iter().map(|e| (e.seq, e.id)).collect(),
+                [
+                    store.tracker_by_name("cases").expect("name"),
+                    store.item_by_display_id("N-1").expect("display"),
+                ],
+            )
+        };
         let whole = |n: usize| {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = Store::open(dir.path()).expect("open");
             for writes in all.iter().take(n).cloned() {
                 store.commit_batch(writes).expect("commit");
             }
-            (data_keys(&store), store.live_items(), store.tracker_count())
+            (visible(&store), data_keys(&store))
         };
-        let mut cases = 0;
-        // Each write in turn is cut after its redo record and every possible number of its
-        // own writes; the store is then closed as a crash leaves it (everything applied so
-        // far on disk, no clean stop).
-        for (n, _) in all.iter().enumerate() {
-            let expected = whole(n + 1);
+        let (mut finished, mut unseen) = (0, 0);
+        // Each write in turn is cut after every possible number of its steps (its unseen
+        // inserts, its redo record, its other writes, the record's removal); the store is
+        // then closed as a crash leaves it (everything applied so far on disk, no clean stop).
+        for n in 0..all.len() {
+            let (before, before_keys) = whole(n);
+            let (after, after_keys) = whole(n + 1);
             for torn_after in 0.. {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let mut store = Store::open(dir.path()).expect("open");
@@ -2320,27 +2397,35 @@ mod tests {
                 }
                 store.torn_after = Some(torn_after);
                 if store.commit_batch(all[n].clone()).is_ok() {
-                    // Past its last write: nothing left to cut.
+                    // Past its last step: nothing left to cut.
                     break;
                 }
                 store.db.flush().expect("flush");
                 drop(store);
                 let store = Store::open(dir.path()).expect("reopen");
                 assert!(store.db.get(META_REDO).expect("read").is_none());
-                assert_eq!(
-                    (data_keys(&store), store.live_items(), store.tracker_count()),
-                    expected,
-                    "write {n} cut after {torn_after} of its writes"
-                );
-                for id in [a, b] {
-                    if let Some(doc) = store.load_doc(id).expect("load") {
-                        assert_eq!(doc.chunks.len() as u32, doc.meta.chunks);
+                let seen = visible(&store);
+                let keys = data_keys(&store);
+                if seen == after {
+                    assert_eq!(keys, after_keys, "write {n} cut after {torn_after} steps");
+                    finished += 1;
+                } else {
+                    assert_eq!(seen, before, "write {n} cut after {torn_after} steps");
+                    // What is stored besides is only the write's unseen inserts.
+                    for (k, _) in keys.iter().filter(|kv| !before_keys.contains(kv)) {
+                        assert!(
+                            [P_SNAPSHOT, P_CHUNK].contains(&k[0]),
+                            "write {n} cut after {torn_after} steps left {k:?}"
+                        );
                     }
+                    unseen += 1;
                 }
-                cases += 1;
             }
         }
-        assert!(cases > 20, "{cases} cut writes");
+        assert!(
+            finished > 20 && unseen >= all.len(),
+            "{finished} finished, {unseen} not"
+        );
     }
 
     #[test]
