@@ -6,9 +6,9 @@
 //! with the same sequence number. An entry is evicted only when no caller holds it.
 //!
 //! Write path: lock the document, validate, stamp (HLC above everything visible), change, encode
-//! the increment, commit it to the store with indexes and counters in one atomic write, unlock, then
-//! wait for durability (group commit) before returning. If the store refuses the batch the
-//! cached copy is dropped so memory never runs ahead of disk.
+//! the increment, commit it to the store with indexes and counters in one atomic write,
+//! unlock, then wait for durability (group commit) before returning. If the store refuses the
+//! write the cached copy is dropped so memory never runs ahead of disk.
 //!
 //! All methods block (Automerge and sled are synchronous); async callers use `spawn_blocking`.
 
@@ -98,7 +98,8 @@ pub struct Deferred {
 }
 
 /// A write registered with the group commit before it reaches a blocking thread, so the
-/// store's flusher waits for it as for a write under way (see [`crate::store::Store::announce_write`]).
+/// store's flusher waits for it as for a write under way (see
+/// [`crate::store::Store::announce_write`]).
 pub struct PendingWrite {
     repo: Arc<Repo>,
     adopted: bool,
@@ -337,7 +338,8 @@ impl Repo {
     }
 
     /// Finish writes left by [`Repo::deferring`]: wait (without a thread) for the flush that
-    /// covers each; then the same signals and events as a write that waited. The write is acknowledged only after this.
+    /// covers each; then the same signals and events as a write that waited. The write is
+    /// acknowledged only after this.
     pub async fn complete(self: &Arc<Self>, deferred: Vec<Deferred>) -> Result<()> {
         for d in deferred {
             self.store.flush_done(d.ticket).await?;

@@ -3,7 +3,7 @@
 //!
 //! Everything lives in sled's default tree under one-byte prefixes. A document write touches
 //! several of them, atomically: a large one (a page of a sync) as one `apply_batch`, a small
-//! one (an API write) as plain inserts behind a redo record (see [`Store::commit_batch_new`]):
+//! one (an API write) as plain inserts behind a redo record (see `Store::apply`):
 //!
 //! | key | value |
 //! |---|---|
@@ -24,7 +24,7 @@
 //!
 //! Durability: [`Store::commit`] applies a write and returns a ticket; [`Store::wait_durable`]
 //! returns once a flush that started after the write was applied has finished. A flusher
-//! thread makes the flushes (group commit, see [`Durable`]): one fsync covers every write
+//! thread makes the flushes (group commit, see `Durable`): one fsync covers every write
 //! applied before it began. All calls block (async callers use `spawn_blocking`), except
 //! [`Store::flush_done`], which lets a writer wait for its flush as a task.
 
@@ -132,8 +132,9 @@ const META_OPEN: &[u8] = b"Mopen";
 /// the last gap (see [`SEQ_AHEAD`]). Absent until the first gap.
 const META_SEQ_FLOOR: &[u8] = b"Mseqfloor";
 
-/// A small document write's own keys and values, written before them and removed after them
-/// (see [`Store::commit_batch_new`]); found at open, the write is finished from it.
+/// A small document write's keys and values (less those no reader sees yet), written before
+/// them and removed after them (see [`Store::apply`]); found at open, the write is finished
+/// from it.
 const META_REDO: &[u8] = b"Mredo";
 
 /// Writes of at most this many bytes (keys and values) go through the redo record instead of
@@ -970,7 +971,7 @@ impl Store {
     }
 
     /// Apply several document writes as one atomic write (one ticket covers them all; see
-    /// [`Store::apply`]). sled's cost is mostly per batch: measured here, 100 documents per
+    /// `Store::apply`). sled's cost is mostly per batch: measured here, 100 documents per
     /// batch cost a third of the CPU and half the bytes written of one batch each.
     pub fn commit_batch(&self, writes: Vec<DocWrite>) -> Result<(Ticket, Vec<DocMeta>)> {
         let absent = vec![false; writes.len()];
