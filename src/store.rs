@@ -286,7 +286,7 @@ impl DocMeta {
 }
 
 /// What to write for a document.
-#[derive(Clone)]
+#[cfg_attr(test, derive(Clone))]
 pub enum DocData {
     /// Replace the snapshot and drop every chunk (creation and compaction).
     Snapshot(Vec<u8>),
@@ -294,7 +294,7 @@ pub enum DocData {
     Chunk(Vec<u8>),
 }
 
-#[derive(Clone)]
+#[cfg_attr(test, derive(Clone))]
 pub struct DocWrite {
     pub id: Uuid,
     pub kind: DocKind,
@@ -719,9 +719,10 @@ pub struct Store {
     /// more than one of a document's keys (see [`Store::apply`]).
     view: std::sync::RwLock<()>,
     /// Apply every commit with `apply_batch` (tests compare the two ways).
+    #[cfg(test)]
     batch_only: bool,
-    /// Stop a small commit after its redo record and this many of its writes, as a crash
-    /// would (tests).
+    /// Stop a small commit after this many of its steps (unseen inserts, redo record,
+    /// writes, the record's removal), as a crash would (tests).
     #[cfg(test)]
     torn_after: Option<usize>,
 }
@@ -865,6 +866,7 @@ impl Store {
                 floor: next_seq - 1,
             }),
             view: std::sync::RwLock::new(()),
+            #[cfg(test)]
             batch_only: false,
             #[cfg(test)]
             torn_after: None,
@@ -1081,7 +1083,11 @@ impl Store {
     /// commit from it ([`redo`]). Readers of more than one key ([`Store::load_doc`]) hold
     /// `view` for reading, so they never see half of one either.
     fn apply(&self, ops: &Ops) -> sled::Result<()> {
-        if ops.bytes() > SMALL_WRITE_BYTES || self.batch_only {
+        #[cfg(test)]
+        let batch_only = self.batch_only;
+        #[cfg(not(test))]
+        let batch_only = false;
+        if ops.bytes() > SMALL_WRITE_BYTES || batch_only {
             return self.db.apply_batch(ops.to_batch());
         }
         let _view = self.view.write().expect("view lock");
