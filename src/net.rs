@@ -138,16 +138,22 @@ pub struct PeerStatus {
     pub last_sync: Option<String>,
     /// When the peer last pulled our feed to its end (RFC 3339), since this node started.
     pub last_sent: Option<String>,
-    /// Our changes the peer has not pulled yet (documents changed after what we last served
-    /// it; every document, before it first pulls), counted up to [`WAITING_COUNT_MAX`]
-    /// among the next ten times as many changes (a lower bound past them, see
+    /// Our changes the peer has not pulled yet: documents changed after what we last served
+    /// it, or (before it pulls again after our restart) after what its last pull said it
+    /// holds; every document, if it never pulled. Counted up to [`WAITING_COUNT_MAX`] among
+    /// the next ten times as many changes (a lower bound past them, see
     /// [`crate::store::Store::feed_count_since`]).
     pub waiting: u64,
     /// Items merged so far in the pull under way (progress of a long sync), 0 when idle.
     pub receiving: u64,
-    /// What `waiting` is counted from (filled off the network loop).
+    /// What `waiting` is counted from (filled off the network loop), at least where the
+    /// peer's last pull started on the feed we present to it (`incarnation`).
     #[serde(skip)]
     served_seq: u64,
+    #[serde(skip)]
+    peer_key: Vec<u8>,
+    #[serde(skip)]
+    incarnation: Uuid,
     #[serde(skip)]
     tag: u64,
     #[serde(skip)]
@@ -266,10 +272,22 @@ impl NetHandle {
         let repo = self.repo.clone();
         tokio::task::spawn_blocking(move || {
             let mut list = list;
+            let store = repo.store();
             for p in &mut list {
-                p.waiting = repo
-                    .store()
-                    .feed_count_since(p.served_seq, WAITING_COUNT_MAX, p.tag, p.shared.as_ref())
+                // After a restart nothing was served yet, but the peer's last pull (recorded
+                // on disk) says what it holds: counting from 0 would read the metadata of up
+                // to ten thousand documents it already has, and delay the first status.
+                let holds = match store.peer_has(&p.peer_key) {
+                    Ok(Some((incarnation, seq))) if incarnation == p.incarnation => seq,
+                    _ => 0,
+                };
+                p.waiting = store
+                    .feed_count_since(
+                        p.served_seq.max(holds),
+                        WAITING_COUNT_MAX,
+                        p.tag,
+                        p.shared.as_ref(),
+                    )
                     .unwrap_or(0);
             }
             list
@@ -864,6 +882,8 @@ impl EventLoop {
                             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
                         waiting: 0,
                         served_seq: s.served_seq,
+                        peer_key: id.to_bytes(),
+                        incarnation: self.served_incarnation(id),
                         tag: crate::store::peer_tag(&id.to_bytes()),
                         shared: shared.get(id).cloned().flatten(),
                         receiving: s.pulling.as_ref().map_or(0, |p| p.items),

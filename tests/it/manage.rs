@@ -571,3 +571,50 @@ async fn an_interval_peer_syncs_on_schedule() {
     })
     .await;
 }
+
+/// After a restart, a node counts the changes waiting for a peer from what that peer's last
+/// pull said it holds (kept on disk), not from the start of its feed: nothing waits for a peer
+/// that had everything, and a new change counts as one.
+#[tokio::test]
+async fn waiting_changes_after_a_restart_count_from_what_the_peer_holds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut a = TestNode::start_in(&da).await;
+    let mut b = TestNode::start_in(&db).await;
+    a.pair(&b).await;
+    a.cases_tracker().await;
+    let mut ids = Vec::new();
+    for name in ["Amina", "Brahim", "Chen"] {
+        ids.push(new_item(&a, name).await);
+    }
+    for id in &ids {
+        b.item_when(id, |_| true).await;
+    }
+    // b restarts and pulls from its checkpoint on a: a records where that pull started.
+    assert!(b.terminate().await.success());
+    b = TestNode::start_in(&db).await;
+    let a_id = a.peer_id().await;
+    eventually(
+        "b pulled a's feed to its end since it restarted",
+        || async {
+            peer_status(&b, &a_id).await["last_sync"]
+                .is_string()
+                .then_some(())
+        },
+    )
+    .await;
+    let b_id = b.peer_id().await;
+    assert!(b.terminate().await.success());
+    assert!(a.terminate().await.success());
+    a = TestNode::start_in(&da).await;
+    // b is down: nothing was served to it since a started.
+    let pb = peer_status(&a, &b_id).await;
+    assert_eq!(
+        (pb["connected"].as_bool(), pb["waiting"].as_u64()),
+        (Some(false), Some(0)),
+        "{pb}"
+    );
+    new_item(&a, "Dalia").await;
+    let pb = peer_status(&a, &b_id).await;
+    assert_eq!(pb["waiting"].as_u64(), Some(1), "{pb}");
+}
