@@ -866,7 +866,7 @@ async fn sync_bench(n: u64, live: usize, restarts: usize) -> Result<()> {
         + (a.metric("trackersync_sync_bytes_received").await - a_in0);
     emit(
         json!({"bench": "sync", "scenario": "already_synced", "n": n, "seconds_from_spawn": t0.elapsed().as_secs_f64(),
-        "api_up_s": spawn_to_api.as_secs_f64(), "connect_s": connected.as_secs_f64(), "confirm_after_connect_s": confirmed.as_secs_f64(),
+        "api_up_s": spawn_to_api.as_secs_f64(), "api_listening_s": b.listening_in.as_secs_f64(), "connect_s": connected.as_secs_f64(), "confirm_after_connect_s": confirmed.as_secs_f64(),
         "bytes_both_ways": bytes}),
     );
 
