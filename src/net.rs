@@ -150,12 +150,11 @@ pub struct PeerStatus {
     /// peer's last pull started on the feed we present to it (`incarnation`).
     #[serde(skip)]
     served_seq: u64,
+    /// The peer's id as stored keys name it (its position on our feed, its tag).
     #[serde(skip)]
     peer_key: Vec<u8>,
     #[serde(skip)]
     incarnation: Uuid,
-    #[serde(skip)]
-    tag: u64,
     #[serde(skip)]
     shared: Option<std::collections::HashSet<Uuid>>,
     /// Per tracker shared with the peer: when it was last synced from the peer (a pull moves
@@ -285,7 +284,7 @@ impl NetHandle {
                     .feed_count_since(
                         p.served_seq.max(holds),
                         WAITING_COUNT_MAX,
-                        p.tag,
+                        crate::store::peer_tag(&p.peer_key),
                         p.shared.as_ref(),
                     )
                     .unwrap_or(0);
@@ -884,7 +883,6 @@ impl EventLoop {
                         served_seq: s.served_seq,
                         peer_key: id.to_bytes(),
                         incarnation: self.served_incarnation(id),
-                        tag: crate::store::peer_tag(&id.to_bytes()),
                         shared: shared.get(id).cloned().flatten(),
                         receiving: s.pulling.as_ref().map_or(0, |p| p.items),
                         last_sync_by_tracker: trackers
