@@ -485,12 +485,15 @@ impl Ops {
     /// Keys and values, in bytes.
     fn bytes(&self) -> usize {
         let unseen: usize = self.unseen.iter().map(|(k, v)| k.len() + v.len()).sum();
-        unseen
-            + self
-                .writes
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                .sum::<usize>()
+        unseen + self.writes_bytes()
+    }
+
+    /// Keys and values of `writes` (what the redo record holds), in bytes.
+    fn writes_bytes(&self) -> usize {
+        self.writes
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum()
     }
 
     /// The same writes as one sled batch (in which the last write to a key wins, as applying
@@ -513,7 +516,7 @@ impl Ops {
     /// then per write 1 (insert) or 0 (remove), key length u32 BE, key, and for an insert
     /// value length u32 BE, value.
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(5 + self.bytes() + 9 * self.writes.len());
+        let mut out = Vec::with_capacity(5 + self.writes_bytes() + 9 * self.writes.len());
         out.push(1);
         out.extend_from_slice(&(self.writes.len() as u32).to_be_bytes());
         for (k, v) in &self.writes {
