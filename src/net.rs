@@ -2210,6 +2210,7 @@ impl EventLoop {
                             tracing::warn!(error = %e, "cannot record the peer's position");
                         }
                     }
+                    let started = std::time::Instant::now();
                     let response = match repo.feed_shared(
                         base,
                         since,
@@ -2233,6 +2234,7 @@ impl EventLoop {
                                     bytes = docs.iter().map(|d| d.data.len()).sum::<usize>(),
                                     since,
                                     last_seq,
+                                    ms = started.elapsed().as_millis() as u64,
                                     "sync page served"
                                 );
                             }

@@ -940,32 +940,41 @@ impl Store {
         let Some(meta) = self.doc_meta_in_view(id)? else {
             return Ok(None);
         };
-        let snapshot = self
-            .db
-            .get(key(P_SNAPSHOT, &[id.as_bytes()]))?
-            .ok_or(StoreError::Corrupt {
-                key: format!("S{id}"),
-                what: "document has metadata but no snapshot",
-            })?
-            .to_vec();
-        let mut chunks = Vec::new();
-        let mut chunk_seqs = Vec::new();
-        // Only the chunks the metadata counts: one past them is a torn write's (see
-        // `Ops::unseen`), never acknowledged, and the next write's key.
-        let first = key(P_CHUNK, &[id.as_bytes(), &0u32.to_be_bytes()]);
-        let end = key(P_CHUNK, &[id.as_bytes(), &meta.chunks.to_be_bytes()]);
-        for kv in self.db.range(first..end) {
-            let v = kv?.1;
-            let (seq, bytes) = decode_chunk(&v);
-            chunks.push(bytes.to_vec());
-            chunk_seqs.push(seq);
-        }
+        let snapshot = self.snapshot_in_view(id)?;
+        let (chunk_seqs, chunks) = self.chunks_in_view(id, &meta)?.into_iter().unzip();
         Ok(Some(DocBytes {
             meta,
             snapshot,
             chunks,
             chunk_seqs,
         }))
+    }
+
+    /// The snapshot of a document whose metadata the caller (holding `view`) has read.
+    fn snapshot_in_view(&self, id: Uuid) -> Result<Vec<u8>> {
+        Ok(self
+            .db
+            .get(key(P_SNAPSHOT, &[id.as_bytes()]))?
+            .ok_or(StoreError::Corrupt {
+                key: format!("S{id}"),
+                what: "document has metadata but no snapshot",
+            })?
+            .to_vec())
+    }
+
+    /// The chunks `meta` counts, each with the sequence number it was written at. Only
+    /// those: one past them is a torn write's (see `Ops::unseen`), never acknowledged, and
+    /// the next write's key. The caller holds `view`.
+    fn chunks_in_view(&self, id: Uuid, meta: &DocMeta) -> Result<Vec<(u64, Vec<u8>)>> {
+        let first = key(P_CHUNK, &[id.as_bytes(), &0u32.to_be_bytes()]);
+        let end = key(P_CHUNK, &[id.as_bytes(), &meta.chunks.to_be_bytes()]);
+        let mut out = Vec::with_capacity(meta.chunks as usize);
+        for kv in self.db.range(first..end) {
+            let v = kv?.1;
+            let (seq, bytes) = decode_chunk(&v);
+            out.push((seq, bytes.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Apply one document write atomically with its indexes and counters. Not yet durable:
@@ -1499,52 +1508,14 @@ impl Store {
             })?);
             let id = uuid_at(&v, 0)?;
             last = seq;
-            // Check the source and the share policy before reading the document's bytes.
-            if skip_source != 0 || shared.is_some() {
-                let Some(m) = self.doc_meta(id)? else {
-                    continue;
-                };
-                if left_out(&m, skip_source, shared) {
-                    continue;
-                }
-            }
-            let Some(doc) = self.load_doc(id)? else {
+            let Some((meta, data)) = self.feed_doc(id, base, whole, skip_source, shared)? else {
                 continue;
-            };
-            // A requester at checkpoint `base` got this document as of then: send only the
-            // chunks written after it (if it missed some after all, it fetches with its heads).
-            // One starting from nothing gets the whole document, and so does one that holds
-            // it as of before its snapshot was written (created or compacted since).
-            let data = if doc.chunks.is_empty() {
-                doc.snapshot
-            } else if base == 0
-                || doc.meta.snapshot_seq > base
-                || (whole && doc.chunk_seqs.iter().all(|&s| s > base))
-            {
-                let mut all = doc.snapshot;
-                for c in &doc.chunks {
-                    all.extend_from_slice(c);
-                }
-                all
-            } else {
-                let newer: Vec<&Vec<u8>> = doc
-                    .chunks
-                    .iter()
-                    .zip(&doc.chunk_seqs)
-                    .filter(|(_, &s)| s > base)
-                    .map(|(c, _)| c)
-                    .collect();
-                if newer.is_empty() {
-                    doc.chunks.concat()
-                } else {
-                    newer.into_iter().flatten().copied().collect()
-                }
             };
             bytes += data.len();
             out.push(FeedEntry {
                 seq,
                 id,
-                meta: doc.meta,
+                meta,
                 data,
             });
         }
@@ -1552,6 +1523,53 @@ impl Store {
             self.feed_durable()?;
         }
         Ok((out, last, false))
+    }
+
+    /// What a feed page sends of document `id` to a requester that holds it as of `base`
+    /// (see [`Store::feed_page`]), with its metadata; `None` if it is gone or left out for
+    /// this requester. Reads the snapshot only when it is sent: a catch-up mostly sends one
+    /// new chunk, and the snapshots are most of the store, so reading each one would pull a
+    /// cold page per document.
+    fn feed_doc(
+        &self,
+        id: Uuid,
+        base: u64,
+        whole: bool,
+        skip_source: u64,
+        shared: Option<&std::collections::HashSet<Uuid>>,
+    ) -> Result<Option<(DocMeta, Vec<u8>)>> {
+        let _view = self.view.read().expect("view lock");
+        let Some(meta) = self.doc_meta_in_view(id)? else {
+            return Ok(None);
+        };
+        if left_out(&meta, skip_source, shared) {
+            return Ok(None);
+        }
+        let chunks = self.chunks_in_view(id, &meta)?;
+        // A requester at checkpoint `base` got this document as of then: send only the chunks
+        // written after it (if it missed some after all, it fetches with its heads). One
+        // starting from nothing gets the whole document, and so does one that holds it as of
+        // before its snapshot was written (created or compacted since).
+        let whole_doc = chunks.is_empty()
+            || base == 0
+            || meta.snapshot_seq > base
+            || (whole && chunks.iter().all(|(s, _)| *s > base));
+        let data = if whole_doc {
+            let mut all = self.snapshot_in_view(id)?;
+            for (_, c) in &chunks {
+                all.extend_from_slice(c);
+            }
+            all
+        } else if chunks.iter().any(|(s, _)| *s > base) {
+            chunks
+                .iter()
+                .filter(|(s, _)| *s > base)
+                .flat_map(|(_, c)| c.iter().copied())
+                .collect()
+        } else {
+            chunks.into_iter().flat_map(|(_, c)| c).collect()
+        };
+        Ok(Some((meta, data)))
     }
 
     /// [`Store::feed_since_shared`] answered from memory when the last changes cover
