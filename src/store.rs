@@ -1100,8 +1100,8 @@ impl Store {
     /// all in the log buffer that the next flush writes out. sled recovers a prefix of its
     /// log, so after a crash either the record is missing (and so is every write after it;
     /// unseen inserts before it stay unread) or it is there and the next open finishes the
-    /// commit from it ([`redo`]). Readers of more than one key ([`Store::load_doc`]) hold
-    /// `view` for reading, so they never see half of one either.
+    /// commit from it ([`redo`]). Readers of more than one key ([`Store::load_doc`],
+    /// [`Store::feed_doc`]) hold `view` for reading, so they never see half of one either.
     fn apply(&self, ops: &Ops) -> sled::Result<()> {
         #[cfg(test)]
         let batch_only = self.batch_only;
