@@ -11,7 +11,7 @@
 //! | `H` doc id | [`DocMeta`]: kind, tracker, heads, change seq, chunk bookkeeping |
 //! | `S` doc id | snapshot: a new document's change (`save_after(&[])`), or compacted (`save()`) |
 //! | `C` doc id, chunk u32 BE | one incremental change chunk (`save_after(heads)`) |
-//! | `Q` seq u64 BE | doc id: the changes feed, one entry per document at its latest seq |
+//! | `Q` seq u64 BE | doc id: the changes feed, one live entry per document at its latest seq (an older entry, stale, is skipped by readers and removed by the flusher) |
 //! | `T` tracker id | (empty) list of trackers |
 //! | `N` tracker name | tracker id |
 //! | `I` tracker id, item id | deleted flag (1 byte): items of a tracker in id (time) order |
@@ -28,7 +28,7 @@
 //! applied before it began. All calls block (async callers use `spawn_blocking`), except
 //! [`Store::flush_done`], which lets a writer wait for its flush as a task.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +78,16 @@ const SLED_TIMER_MS: u64 = 200;
 
 /// How long an open waits for sled's file lock (see [`open_sled`]).
 const LOCK_WAIT: Duration = Duration::from_secs(3);
+/// Stale feed entries the flusher removes at a time (see [`Durable::sweep`]): a write that
+/// comes in meanwhile waits for at most these (cold, about 20 µs each after a restart).
+const SWEEP_STEP: usize = 16;
+/// Stale feed entries left for the flusher's idle time; past these it removes a step after
+/// every flush too.
+const STALE_BACKLOG: usize = 4096;
+/// Stale feed entries noted at most; more wait for a reader to pass over them.
+const STALE_MAX: usize = 1 << 18;
+/// Stale feed entries removed at most on a clean stop; the rest wait as after a crash.
+const SWEEP_AT_STOP: usize = 50_000;
 
 /// Open sled, waiting a little for its file lock. Dropping a `sled::Db` releases the lock
 /// only when sled's background threads let go of their last reference to the log, which
@@ -621,6 +631,9 @@ struct Durable {
     /// A flush failed with an I/O error. sled 0.34 keeps failing after one (its error is
     /// sticky) until the store is reopened.
     io_failed: std::sync::atomic::AtomicBool,
+    /// Feed entries (by sequence number) of documents written again since, which the
+    /// flusher removes between flushes (see [`Durable::sweep`]).
+    stale: Mutex<BTreeSet<u64>>,
 }
 
 impl Durable {
@@ -640,6 +653,48 @@ impl Durable {
         self.wake_cv.notify_all();
     }
 
+    /// Note feed entries as stale: their documents have been written again since, under a
+    /// higher sequence number. Past [`STALE_MAX`] noted and not yet removed, more are not
+    /// noted; a feed reader that passes over them notes them again.
+    fn note_stale(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut stale = self.stale.lock().expect("stale lock");
+        for s in seqs {
+            if stale.len() >= STALE_MAX {
+                break;
+            }
+            stale.insert(s);
+        }
+    }
+
+    fn stale_count(&self) -> usize {
+        self.stale.lock().expect("stale lock").len()
+    }
+
+    /// Remove up to `max` stale feed entries, lowest first.
+    ///
+    /// A write used to remove its document's old feed entry itself. After a restart that is
+    /// a read of a cold leaf per document, in the commit that every other writer waits for:
+    /// a fifth of a catch-up's time. Readers skip a stale entry anyway (its document's
+    /// metadata has moved past it, see [`Store::feed_doc`]), so the removal can wait. A
+    /// sequence number is never reused, so an entry once stale stays stale, and removing it
+    /// needs no lock. One left behind by a crash is noted again by the next reader that
+    /// passes over it.
+    fn sweep(&self, max: usize) {
+        let batch: Vec<u64> = {
+            let mut stale = self.stale.lock().expect("stale lock");
+            std::iter::from_fn(|| stale.pop_first()).take(max).collect()
+        };
+        for seq in &batch {
+            if let Err(e) = self.db.remove(key(P_SEQ, &[&seq.to_be_bytes()])) {
+                // The write path reports a failing store; the entries stay, skipped by
+                // readers, and are noted again when one passes over them.
+                tracing::debug!(error = %e, "cannot remove stale feed entries; left for later");
+                self.stale.lock().expect("stale lock").clear();
+                return;
+            }
+        }
+    }
+
     /// The flusher thread's loop; returns when the store closes.
     fn run(&self) {
         // Something to flush: a ticket wanted and not yet flushed, other than those the last
@@ -650,6 +705,15 @@ impl Durable {
         let mut st = self.state.lock().expect("flush lock");
         loop {
             while !due(&st) && !st.stop {
+                // Idle, with no write under way: remove stale feed entries a few at a time,
+                // so a write that comes in meanwhile waits for at most one step. (A writer
+                // ending wakes this thread.)
+                if self.writers.load(Ordering::SeqCst) == 0 && self.stale_count() > 0 {
+                    drop(st);
+                    self.sweep(SWEEP_STEP);
+                    st = self.state.lock().expect("flush lock");
+                    continue;
+                }
                 st = self.wake_cv.wait(st).expect("flush lock");
             }
             if !due(&st) {
@@ -694,6 +758,13 @@ impl Durable {
             }
             self.flushed_cv.notify_all();
             self.flushed_tx.send_replace(st.flushed);
+            // Under a steady stream of writes the flusher is never idle: a step after each
+            // flush keeps the stale entries from piling up past a backlog.
+            if self.stale_count() > STALE_BACKLOG {
+                drop(st);
+                self.sweep(SWEEP_STEP);
+                st = self.state.lock().expect("flush lock");
+            }
         }
     }
 }
@@ -852,6 +923,7 @@ impl Store {
             group_wait_us: AtomicU64::new(GROUP_COMMIT_WAIT.as_micros() as u64),
             flushes: AtomicU64::new(0),
             io_failed: std::sync::atomic::AtomicBool::new(marked.is_err()),
+            stale: Mutex::new(BTreeSet::new()),
         });
         let flusher = std::thread::Builder::new()
             .name("store-flush".into())
@@ -1029,6 +1101,7 @@ impl Store {
         let keep = writes.len() <= RECENT_BATCH;
         let mut recent = Vec::with_capacity(writes.len());
         let mut refused = Vec::new();
+        let mut moved = Vec::new();
         for (i, mut w) in writes.into_iter().enumerate() {
             let increment = w.increment.take();
             let old = match staged.get(&w.id) {
@@ -1045,7 +1118,7 @@ impl Store {
                 (DocData::Snapshot(b) | DocData::Chunk(b), _) if keep => b.clone(),
                 _ => Vec::new(),
             };
-            let meta = self.stage(&mut ops, &mut next, w, old);
+            let meta = self.stage(&mut ops, &mut next, w, old, &mut moved);
             staged.insert(id, meta.clone());
             recent.push(FeedEntry {
                 seq: meta.seq,
@@ -1080,6 +1153,7 @@ impl Store {
                 r.add(e, keep);
             }
         }
+        self.durable.note_stale(moved);
         self.durable
             .applied_seq
             .store(next.next_seq - 1, Ordering::SeqCst);
@@ -1146,13 +1220,15 @@ impl Store {
     /// Add one document write to `ops`, moving the counters in `next`. The document's bytes
     /// and indexes come first, then its metadata, then its new place in the feed: a reader
     /// that walks the feed while a small write applies (see [`Store::commit_batch_new`]) finds
-    /// the new feed entry only once the metadata it points to is there.
+    /// the new feed entry only once the metadata it points to is there. The document's old
+    /// place in the feed, if it had one, goes to `moved`.
     fn stage(
         &self,
         ops: &mut Ops,
         next: &mut CommitState,
         w: DocWrite,
         old: Option<DocMeta>,
+        moved: &mut Vec<u64>,
     ) -> DocMeta {
         let id = w.id;
         let seq = next.next_seq;
@@ -1228,8 +1304,9 @@ impl Store {
         };
         ops.insert(key(P_DOCMETA, &[id.as_bytes()]), meta.encode());
         ops.insert(key(P_SEQ, &[&seq.to_be_bytes()]), id.as_bytes().as_slice());
+        // The old feed entry stays until the flusher removes it (see `Durable::sweep`).
         if let Some(o) = &old {
-            ops.remove(key(P_SEQ, &[&o.seq.to_be_bytes()]));
+            moved.push(o.seq);
         }
         meta
     }
@@ -1339,6 +1416,9 @@ impl Store {
     }
 
     fn flush_inner(&self, stop: bool) -> Result<()> {
+        if stop {
+            self.durable.sweep(SWEEP_AT_STOP);
+        }
         let st = self.commit.lock().expect("commit lock");
         self.db.insert(META_STATE, st.encode())?;
         if stop {
@@ -1510,13 +1590,11 @@ impl Store {
                 }
                 return Ok((out, last, true));
             }
-            let seq = u64::from_be_bytes(k[1..9].try_into().map_err(|_| StoreError::Corrupt {
-                key: "Q".into(),
-                what: "sequence key is not 8 bytes",
-            })?);
+            let seq = feed_key_seq(&k)?;
             let id = uuid_at(&v, 0)?;
             last = seq;
-            let Some((meta, data)) = self.feed_doc(id, base, whole, skip_source, shared)? else {
+            let Some((meta, data)) = self.feed_doc(seq, id, base, whole, skip_source, shared)?
+            else {
                 continue;
             };
             bytes += data.len();
@@ -1540,6 +1618,7 @@ impl Store {
     /// cold page per document.
     fn feed_doc(
         &self,
+        seq: u64,
         id: Uuid,
         base: u64,
         whole: bool,
@@ -1550,6 +1629,11 @@ impl Store {
         let Some(meta) = self.doc_meta_in_view(id)? else {
             return Ok(None);
         };
+        if meta.seq > seq {
+            // The document was written again since: it comes at its newer entry.
+            self.found_stale(seq);
+            return Ok(None);
+        }
         if left_out(&meta, skip_source, shared) {
             return Ok(None);
         }
@@ -1578,6 +1662,13 @@ impl Store {
             chunks.into_iter().flat_map(|(_, c)| c).collect()
         };
         Ok(Some((meta, data)))
+    }
+
+    /// A reader passed over a stale feed entry (one a crash kept from being removed): have
+    /// the flusher remove it.
+    fn found_stale(&self, seq: u64) {
+        self.durable.note_stale([seq]);
+        self.durable.wake();
     }
 
     /// [`Store::feed_since_shared`] answered from memory when the last changes cover
@@ -1668,10 +1759,15 @@ impl Store {
         let mut n = 0;
         let look = max.saturating_mul(FEED_COUNT_LOOK) as usize;
         for kv in self.db.range(start..=end).take(look) {
-            let (_, v) = kv?;
+            let (k, v) = kv?;
             let Some(m) = self.doc_meta(uuid_at(&v, 0)?)? else {
                 continue;
             };
+            let seq = feed_key_seq(&k)?;
+            if m.seq > seq {
+                self.found_stale(seq);
+                continue;
+            }
             if m.source == skip_source || shared.is_some_and(|t| !t.contains(&m.tracker)) {
                 continue;
             }
@@ -1969,6 +2065,17 @@ impl Drop for WriteGuard<'_> {
     }
 }
 
+/// The sequence number of a feed entry's key.
+fn feed_key_seq(k: &[u8]) -> Result<u64> {
+    k.get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or(StoreError::Corrupt {
+            key: "Q".into(),
+            what: "sequence key is not 8 bytes",
+        })
+}
+
 fn uuid_at(b: &[u8], at: usize) -> Result<Uuid> {
     b.get(at..at + 16)
         .and_then(|s| s.try_into().ok())
@@ -1993,14 +2100,32 @@ mod tests {
         }
     }
 
-    /// Every key and value but the node metadata (`M`), in key order.
+    /// Every key and value but the node metadata (`M`) and stale feed entries (whose removal
+    /// the flusher may or may not have got to), in key order.
     pub(super) fn data_keys(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
         store
             .db
             .iter()
             .map(|kv| kv.expect("read"))
-            .filter(|(k, _)| k[0] != b'M')
+            .filter(|(k, v)| k[0] != b'M' && !(k[0] == P_SEQ && stale_entry(store, k, v)))
             .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    /// Whether the feed entry `k` -> `v` is stale: its document moved past it.
+    fn stale_entry(store: &Store, k: &[u8], v: &[u8]) -> bool {
+        let seq = feed_key_seq(k).expect("feed key");
+        let meta = store.doc_meta(uuid_at(v, 0).expect("id")).expect("meta");
+        meta.is_some_and(|m| m.seq > seq)
+    }
+
+    /// The feed entries in the store, stale ones included: (sequence number, document).
+    fn raw_feed(store: &Store) -> Vec<(u64, Uuid)> {
+        store
+            .db
+            .scan_prefix([P_SEQ])
+            .map(|kv| kv.expect("read"))
+            .map(|(k, v)| (feed_key_seq(&k).expect("seq"), uuid_at(&v, 0).expect("id")))
             .collect()
     }
 
@@ -2124,6 +2249,63 @@ mod tests {
         // From after those 3, the 20 changes it looks at are all peer 7's: 0, a lower bound
         // (our 5 lie past them).
         assert_eq!(store.feed_count_since(3, 2, 7, None).expect("count"), 0);
+    }
+
+    /// Wait until `cond` holds, for at most 30 s.
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_documents_old_feed_entry_is_skipped_until_the_flusher_removes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (a, b, t) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // While a write is under way the flusher leaves stale entries alone.
+        let writing = store.begin_write();
+        let seq = |w| store.commit(w).expect("commit").1.seq;
+        let a1 = seq(write(a, t, DocData::Snapshot(b"a".to_vec()), false));
+        let b1 = seq(write(b, t, DocData::Snapshot(b"b".to_vec()), false));
+        let a2 = seq(write(a, t, DocData::Chunk(b"a2".to_vec()), false));
+        let a3 = seq(write(a, t, DocData::Chunk(b"a3".to_vec()), false));
+        assert_eq!(raw_feed(&store), vec![(a1, a), (b1, b), (a2, a), (a3, a)]);
+
+        // Readers see each document once, at its last write.
+        let (page, last, more) = store.feed_since(0, 10, 1 << 20, 0).expect("feed");
+        let got: Vec<(u64, Uuid)> = page.iter().map(|e| (e.seq, e.id)).collect();
+        assert_eq!(got, vec![(b1, b), (a3, a)]);
+        assert_eq!((last, more), (a3, false));
+        assert_eq!(store.feed_count_since(0, 10, 9, None).expect("count"), 2);
+
+        // Once no write is under way, the flusher removes the old entries.
+        drop(writing);
+        wait_for("stale entries removed", || {
+            raw_feed(&store) == vec![(b1, b), (a3, a)]
+        });
+
+        // An entry left behind by a crash (the note of it lived in memory only) is skipped,
+        // and the first reader that passes over it has it removed.
+        store
+            .db
+            .insert(key(P_SEQ, &[&a2.to_be_bytes()]), a.as_bytes().as_slice())
+            .expect("insert");
+        let (page, _, _) = store.feed_since(0, 10, 1 << 20, 0).expect("feed");
+        assert_eq!(page.len(), 2);
+        wait_for("the leftover entry removed", || {
+            raw_feed(&store) == vec![(b1, b), (a3, a)]
+        });
+
+        // A clean stop removes what the flusher has not got to.
+        let writing = store.begin_write();
+        let a4 = seq(write(a, t, DocData::Chunk(b"a4".to_vec()), false));
+        assert!(raw_feed(&store).contains(&(a3, a)));
+        store.flush_for_stop().expect("flush");
+        assert_eq!(raw_feed(&store), vec![(b1, b), (a4, a)]);
+        drop(writing);
     }
 
     #[test]
