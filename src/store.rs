@@ -1008,10 +1008,12 @@ impl Store {
         let k = key(P_DOCMETA, &[id.as_bytes()]);
         match self.db.get(&k)? {
             None => Ok(None),
-            Some(v) => DocMeta::decode(&v).map(Some).ok_or(StoreError::Corrupt {
-                key: format!("H{id}"),
-                what: "document metadata",
-            }),
+            Some(v) => DocMeta::decode(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("H{id}"),
+                    what: "document metadata",
+                }),
         }
     }
 
@@ -1035,7 +1037,7 @@ impl Store {
         Ok(self
             .db
             .get(key(P_SNAPSHOT, &[id.as_bytes()]))?
-            .ok_or(StoreError::Corrupt {
+            .ok_or_else(|| StoreError::Corrupt {
                 key: format!("S{id}"),
                 what: "document has metadata but no snapshot",
             })?
@@ -1954,7 +1956,7 @@ impl Store {
             for kv in self.db.scan_prefix([P_DOCMETA]) {
                 let (k, v) = kv?;
                 let id = uuid_at(&k, 1)?;
-                let meta = DocMeta::decode(&v).ok_or(StoreError::Corrupt {
+                let meta = DocMeta::decode(&v).ok_or_else(|| StoreError::Corrupt {
                     key: format!("H{id}"),
                     what: "document metadata",
                 })?;
@@ -2070,7 +2072,7 @@ fn feed_key_seq(k: &[u8]) -> Result<u64> {
     k.get(1..9)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
-        .ok_or(StoreError::Corrupt {
+        .ok_or_else(|| StoreError::Corrupt {
             key: "Q".into(),
             what: "sequence key is not 8 bytes",
         })
@@ -2080,7 +2082,7 @@ fn uuid_at(b: &[u8], at: usize) -> Result<Uuid> {
     b.get(at..at + 16)
         .and_then(|s| s.try_into().ok())
         .map(Uuid::from_bytes)
-        .ok_or(StoreError::Corrupt {
+        .ok_or_else(|| StoreError::Corrupt {
             key: String::from_utf8_lossy(b).into_owned(),
             what: "expected a 16-byte id",
         })
