@@ -275,11 +275,16 @@ impl NetHandle {
             for p in &mut list {
                 // After a restart nothing was served yet, but the peer's last pull (recorded
                 // on disk) says what it holds: counting from 0 would read the metadata of up
-                // to ten thousand documents it already has, and delay the first status.
-                let holds = match store.peer_has(&p.peer_key) {
-                    Ok(Some((incarnation, seq))) if incarnation == p.incarnation => seq,
+                // to ten thousand documents it already has, and delay the first status. Where
+                // its last pull started would count that pull's page again (a catch-up of
+                // 1,000 documents: 10 ms), so where that page ended is kept too.
+                let ours = p.incarnation;
+                let position = |at: crate::store::Result<Option<(Uuid, u64)>>| match at {
+                    Ok(Some((incarnation, seq))) if incarnation == ours => seq,
                     _ => 0,
                 };
+                let holds = position(store.peer_has(&p.peer_key))
+                    .max(position(store.peer_served(&p.peer_key)));
                 p.waiting = store
                     .feed_count_since(
                         p.served_seq.max(holds),
@@ -2220,6 +2225,12 @@ impl EventLoop {
                         shared.as_ref(),
                     ) {
                         Ok((docs, last_seq, more)) => {
+                            if let Err(e) =
+                                repo.store()
+                                    .set_peer_served(&peer.to_bytes(), ours, last_seq)
+                            {
+                                tracing::warn!(error = %e, "cannot record the page served");
+                            }
                             let _ = work.blocking_send(Work::Served(
                                 peer,
                                 docs.len() as u64,

@@ -11,7 +11,7 @@
 //! | `H` doc id | [`DocMeta`]: kind, tracker, heads, change seq, chunk bookkeeping |
 //! | `S` doc id | snapshot: a new document's change (`save_after(&[])`), or compacted (`save()`) |
 //! | `C` doc id, chunk u32 BE | one incremental change chunk (`save_after(heads)`) |
-//! | `Q` seq u64 BE | doc id: the changes feed, one live entry per document at its latest seq (an older entry, stale, is skipped by readers and removed by the flusher) |
+//! | `Q` seq u64 BE | doc id, source u64 BE (absent in entries written before 2026-11-25): the changes feed, one live entry per document at its latest seq (an older entry, stale, is skipped by readers and removed by the flusher) |
 //! | `T` tracker id | (empty) list of trackers |
 //! | `N` tracker name | tracker id |
 //! | `I` tracker id, item id | deleted flag (1 byte): items of a tracker in id (time) order |
@@ -19,6 +19,7 @@
 //! | `K` peer id (bytes) | checkpoint on that peer's feed: its incarnation (16 B), seq u64 BE |
 //! | `P` peer id (text) | peer configuration (JSON) |
 //! | `V` peer id (bytes) | that peer's known position on our feed: incarnation (16 B), seq |
+//! | `W` peer id (bytes) | where the last page served to that peer ended: incarnation (16 B), seq |
 //!
 //! Snapshot and chunks are separate keys so a torn or corrupt chunk never costs the snapshot.
 //!
@@ -129,6 +130,11 @@ const P_ACK: u8 = b'A';
 /// What a peer is known to hold of our feed (from its pulls and its bundles), by peer: the
 /// incarnation we present to it (16 B) and seq u64 BE. Where `export --for-peer` starts.
 const P_PEER_HAS: u8 = b'V';
+/// Where the last page we served a peer ended on our feed, by peer: the incarnation we
+/// present to it (16 B) and seq u64 BE. Only for counting what the peer still lacks: `V`
+/// (where its last pull started) would count that page again, a cold metadata read per
+/// document, and after a restart that delayed the first status (see `Store::peer_served`).
+const P_SERVED: u8 = b'W';
 
 /// Sync log entries kept (the log rotates).
 pub const LOG_MAX_ENTRIES: u64 = 10_000;
@@ -1054,7 +1060,10 @@ impl Store {
     fn chunks_in_view(&self, id: Uuid, meta: &DocMeta) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::with_capacity(meta.chunks as usize);
         for n in 0..meta.chunks {
-            if let Some(v) = self.db.get(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]))? {
+            if let Some(v) = self
+                .db
+                .get(key(P_CHUNK, &[id.as_bytes(), &n.to_be_bytes()]))?
+            {
                 let (seq, bytes) = decode_chunk(&v);
                 out.push((seq, bytes.to_vec()));
             }
@@ -1308,7 +1317,10 @@ impl Store {
             snapshot_seq,
         };
         ops.insert(key(P_DOCMETA, &[id.as_bytes()]), meta.encode());
-        ops.insert(key(P_SEQ, &[&seq.to_be_bytes()]), id.as_bytes().as_slice());
+        ops.insert(
+            key(P_SEQ, &[&seq.to_be_bytes()]),
+            [id.as_bytes().as_slice(), &w.source.to_be_bytes()].concat(),
+        );
         // The old feed entry stays until the flusher removes it (see `Durable::sweep`).
         if let Some(o) = &old {
             moved.push(o.seq);
@@ -1598,6 +1610,9 @@ impl Store {
             let seq = feed_key_seq(&k)?;
             let id = uuid_at(&v, 0)?;
             last = seq;
+            if from_reader(&v, skip_source) {
+                continue;
+            }
             let Some((meta, data)) = self.feed_doc(seq, id, base, whole, skip_source, shared)?
             else {
                 continue;
@@ -1765,6 +1780,9 @@ impl Store {
         let look = max.saturating_mul(FEED_COUNT_LOOK) as usize;
         for kv in self.db.range(start..=end).take(look) {
             let (k, v) = kv?;
+            if from_reader(&v, skip_source) {
+                continue;
+            }
             let Some(m) = self.doc_meta(uuid_at(&v, 0)?)? else {
                 continue;
             };
@@ -1831,6 +1849,25 @@ impl Store {
     /// one only makes the next bundle for that peer larger).
     pub fn set_peer_has(&self, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
         self.set_position(P_PEER_HAS, peer, incarnation, seq)
+    }
+
+    /// Where the last page served to `peer` ended: (the incarnation we presented, seq). Once
+    /// the peer takes that page it holds our feed up to there; it may not have yet, so this
+    /// is for counting what it lacks, not for where a bundle for it starts ([`Store::peer_has`]).
+    pub fn peer_served(&self, peer: &[u8]) -> Result<Option<(Uuid, u64)>> {
+        Ok(self
+            .db
+            .get(key(P_SERVED, &[peer]))?
+            .and_then(|v| decode_position(&v)))
+    }
+
+    /// Record where the page just served to `peer` ended. The latest page's end, even if
+    /// lower (the peer started over); not flushed on its own (a lost one only makes the next
+    /// count after a restart read more).
+    pub fn set_peer_served(&self, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
+        let v = [incarnation.as_bytes().as_slice(), &seq.to_be_bytes()].concat();
+        self.db.insert(key(P_SERVED, &[peer]), v)?;
+        Ok(())
     }
 
     fn set_position(&self, prefix: u8, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
@@ -2068,6 +2105,18 @@ impl Drop for WriteGuard<'_> {
         // keep the flusher waiting for it.
         self.0.durable.wake();
     }
+}
+
+/// Whether the feed entry `v` is a change the reader tagged `skip_source` sent us, which the
+/// feed leaves out for it (see [`left_out`]): told by the entry itself, without a read of the
+/// document's metadata. After an initial sync from a peer every entry is one, and a status
+/// after a restart, counting what that peer lacks, read each one's metadata cold. (Whether
+/// the entry is stale does not matter: the document comes at its newer entry either way.)
+/// Entries written before the source was kept in them say nothing.
+fn from_reader(v: &[u8], skip_source: u64) -> bool {
+    skip_source != 0
+        && v.get(16..24)
+            .is_some_and(|s| u64::from_be_bytes(s.try_into().expect("8 bytes")) == skip_source)
 }
 
 /// The sequence number of a feed entry's key.
@@ -2311,6 +2360,58 @@ mod tests {
         store.flush_for_stop().expect("flush");
         assert_eq!(raw_feed(&store), vec![(b1, b), (a4, a)]);
         drop(writing);
+    }
+
+    #[test]
+    fn a_feed_entry_names_its_source_and_old_entries_without_it_still_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let t = Uuid::now_v7();
+        let commit = |id: Uuid, source: u64| {
+            let w = DocWrite {
+                source,
+                ..write(id, t, DocData::Snapshot(vec![1]), false)
+            };
+            store.commit(w).expect("commit").1.seq
+        };
+        let (ours, theirs) = (Uuid::now_v7(), Uuid::now_v7());
+        let s_ours = commit(ours, 0);
+        let s_theirs = commit(theirs, 7);
+        let entry = |seq: u64| {
+            store
+                .db
+                .get(key(P_SEQ, &[&seq.to_be_bytes()]))
+                .expect("read")
+                .expect("entry")
+                .to_vec()
+        };
+        assert_eq!(
+            entry(s_theirs),
+            [theirs.as_bytes().as_slice(), &7u64.to_be_bytes()].concat()
+        );
+        assert!(from_reader(&entry(s_theirs), 7));
+        assert!(!from_reader(&entry(s_theirs), 9) && !from_reader(&entry(s_ours), 7));
+
+        let ids = |skip: u64| -> Vec<Uuid> {
+            let (page, _, _) = store.feed_since(0, 10, 1 << 20, skip).expect("feed");
+            page.iter().map(|e| e.id).collect()
+        };
+        assert_eq!(ids(7), vec![ours]);
+        assert_eq!(ids(9), vec![ours, theirs]);
+        assert_eq!(store.feed_count_since(0, 10, 7, None).expect("count"), 1);
+
+        // An entry as stores wrote them before (the id alone): the metadata decides.
+        store
+            .db
+            .insert(
+                key(P_SEQ, &[&s_theirs.to_be_bytes()]),
+                theirs.as_bytes().as_slice(),
+            )
+            .expect("insert");
+        assert!(!from_reader(&entry(s_theirs), 7));
+        assert_eq!(ids(7), vec![ours]);
+        assert_eq!(ids(9), vec![ours, theirs]);
+        assert_eq!(store.feed_count_since(0, 10, 7, None).expect("count"), 1);
     }
 
     #[test]
