@@ -1838,10 +1838,7 @@ impl Store {
 
     /// What `peer` is known to hold of our feed: (the incarnation we presented, seq).
     pub fn peer_has(&self, peer: &[u8]) -> Result<Option<(Uuid, u64)>> {
-        Ok(self
-            .db
-            .get(key(P_PEER_HAS, &[peer]))?
-            .and_then(|v| decode_position(&v)))
+        self.position(P_PEER_HAS, peer)
     }
 
     /// Record that `peer` holds our feed up to `seq` (it pulled from there, or told us in a
@@ -1855,10 +1852,7 @@ impl Store {
     /// the peer takes that page it holds our feed up to there; it may not have yet, so this
     /// is for counting what it lacks, not for where a bundle for it starts ([`Store::peer_has`]).
     pub fn peer_served(&self, peer: &[u8]) -> Result<Option<(Uuid, u64)>> {
-        Ok(self
-            .db
-            .get(key(P_SERVED, &[peer]))?
-            .and_then(|v| decode_position(&v)))
+        self.position(P_SERVED, peer)
     }
 
     /// Record where the page just served to `peer` ended. The latest page's end, even if
@@ -1868,6 +1862,14 @@ impl Store {
         let v = [incarnation.as_bytes().as_slice(), &seq.to_be_bytes()].concat();
         self.db.insert(key(P_SERVED, &[peer]), v)?;
         Ok(())
+    }
+
+    /// A position on a feed kept under `prefix` for `peer`: (incarnation, seq).
+    fn position(&self, prefix: u8, peer: &[u8]) -> Result<Option<(Uuid, u64)>> {
+        Ok(self
+            .db
+            .get(key(prefix, &[peer]))?
+            .and_then(|v| decode_position(&v)))
     }
 
     fn set_position(&self, prefix: u8, peer: &[u8], incarnation: Uuid, seq: u64) -> Result<()> {
@@ -2412,6 +2414,27 @@ mod tests {
         assert_eq!(ids(7), vec![ours]);
         assert_eq!(ids(9), vec![ours, theirs]);
         assert_eq!(store.feed_count_since(0, 10, 7, None).expect("count"), 1);
+    }
+
+    #[test]
+    fn what_a_peer_holds_only_moves_forward_and_what_it_was_served_is_the_latest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (peer, inc) = (b"peer".as_slice(), Uuid::now_v7());
+        assert_eq!(store.peer_has(peer).expect("read"), None);
+        assert_eq!(store.peer_served(peer).expect("read"), None);
+        for seq in [10, 5] {
+            store.set_peer_has(peer, inc, seq).expect("write");
+            store.set_peer_served(peer, inc, seq).expect("write");
+        }
+        // A bundle for the peer starts where it surely is; the count of what it lacks, from
+        // the last page it was sent (it started over at 5).
+        assert_eq!(store.peer_has(peer).expect("read"), Some((inc, 10)));
+        assert_eq!(store.peer_served(peer).expect("read"), Some((inc, 5)));
+        // Another incarnation replaces either.
+        let other = Uuid::now_v7();
+        store.set_peer_has(peer, other, 3).expect("write");
+        assert_eq!(store.peer_has(peer).expect("read"), Some((other, 3)));
     }
 
     #[test]
