@@ -139,8 +139,8 @@ pub struct PeerStatus {
     /// When the peer last pulled our feed to its end (RFC 3339), since this node started.
     pub last_sent: Option<String>,
     /// Our changes the peer has not pulled yet: documents changed after what we last served
-    /// it, or (before it pulls again after our restart) after what its last pull said it
-    /// holds; every document, if it never pulled. Counted up to [`WAITING_COUNT_MAX`] among
+    /// it, or (before it pulls again after our restart) after the end of the last page we
+    /// served it, kept on disk; every document, if it never pulled. Counted up to [`WAITING_COUNT_MAX`] among
     /// the next ten times as many changes (a lower bound past them, see
     /// [`crate::store::Store::feed_count_since`]).
     pub waiting: u64,

@@ -101,7 +101,10 @@ async fn offline_edits_on_both_sides_converge() {
     let id = item["id"].as_str().expect("id").to_string();
     b.item_when(&id, |_| true).await;
 
-    b.kill().await;
+    // Stopped, not killed: a received change is visible before it is durable (it is durable
+    // at its source, which sends it again), so a kill right after b shows the item could
+    // take it from b's disk, and the CLI below would not find it.
+    assert!(b.terminate().await.success());
     // b's side, offline, through the CLI (embedded node): first the contested field...
     let out = crate::support::run_cli(&b_dir, &["item", "set", &id, "status=open", "age=10"]).await;
     assert!(out.ok, "{}", out.stderr);
