@@ -140,9 +140,9 @@ pub struct PeerStatus {
     pub last_sent: Option<String>,
     /// Our changes the peer has not pulled yet: documents changed after what we last served
     /// it, or (before it pulls again after our restart) after the end of the last page we
-    /// served it, kept on disk; every document, if it never pulled. Counted up to [`WAITING_COUNT_MAX`] among
-    /// the next ten times as many changes (a lower bound past them, see
-    /// [`crate::store::Store::feed_count_since`]).
+    /// served it, kept on disk; every document, if it never pulled. Counted up to
+    /// [`WAITING_COUNT_MAX`] among the next ten times as many changes (a lower bound past
+    /// them, see [`crate::store::Store::feed_count_since`]).
     pub waiting: u64,
     /// Items merged so far in the pull under way (progress of a long sync), 0 when idle.
     pub receiving: u64,

@@ -1791,7 +1791,7 @@ impl Store {
                 self.found_stale(seq);
                 continue;
             }
-            if m.source == skip_source || shared.is_some_and(|t| !t.contains(&m.tracker)) {
+            if left_out(&m, skip_source, shared) {
                 continue;
             }
             n += 1;
