@@ -612,21 +612,11 @@ impl Repo {
 
     // ---- items ------------------------------------------------------------------------------
 
-    /// An item id from a UUID or a display id.
+    /// An item id from a UUID or a display id, checked against the store.
     fn resolve_item(&self, reference: &str) -> Result<Uuid> {
-        let id = match Uuid::parse_str(reference) {
-            Ok(id) => Some(id),
-            Err(_) => self.store.item_by_display_id(reference)?,
-        };
-        match id {
-            Some(id)
-                if self
-                    .store
-                    .doc_meta(id)?
-                    .is_some_and(|m| m.kind == DocKind::Item) =>
-            {
-                Ok(id)
-            }
+        let id = self.item_id(reference)?;
+        match self.store.doc_meta(id)? {
+            Some(m) if m.kind == DocKind::Item => Ok(id),
             _ => Err(RepoError::ItemNotFound(reference.to_string())),
         }
     }
@@ -688,13 +678,46 @@ impl Repo {
         reference: &str,
         f: impl FnOnce(&mut ItemDoc<'_>, Uuid) -> Result<T>,
     ) -> Result<T> {
-        let id = self.resolve_item(reference)?;
+        let id = self.item_id(reference)?;
         let slot = self.slot(id);
         let mut guard = slot.lock();
-        let loaded = self
-            .ensure_loaded(id, &mut guard)?
-            .ok_or_else(|| RepoError::ItemNotFound(reference.to_string()))?;
+        let loaded = self.ensure_item(id, reference, &mut guard)?;
         f(&mut ItemDoc::new(&mut loaded.doc), id)
+    }
+
+    /// The id `reference` names (an item id, or a display id that is in the index), not yet
+    /// known to be an item's: [`Repo::ensure_item`] checks that from the document's metadata,
+    /// which a cached document holds, so an edit of a cached item reads nothing from sled
+    /// before its commit.
+    fn item_id(&self, reference: &str) -> Result<Uuid> {
+        match Uuid::parse_str(reference) {
+            Ok(id) => Ok(id),
+            Err(_) => self
+                .store
+                .item_by_display_id(reference)?
+                .ok_or_else(|| RepoError::ItemNotFound(reference.to_string())),
+        }
+    }
+
+    /// [`Repo::ensure_loaded`] for an item: not found if `id` is not stored or is not an
+    /// item's (a tracker's id, say).
+    fn ensure_item<'a>(
+        &self,
+        id: Uuid,
+        reference: &str,
+        slot: &'a mut Option<Loaded>,
+    ) -> Result<&'a mut Loaded> {
+        match self.ensure_loaded(id, slot)? {
+            Some(loaded)
+                if loaded
+                    .meta
+                    .as_ref()
+                    .is_some_and(|m| m.kind == DocKind::Item) =>
+            {
+                Ok(loaded)
+            }
+            _ => Err(RepoError::ItemNotFound(reference.to_string())),
+        }
     }
 
     pub fn item(&self, reference: &str) -> Result<ItemView> {
@@ -711,12 +734,10 @@ impl Repo {
         f: impl FnOnce(&mut ItemDoc<'_>, &Tracker, Hlc) -> Result<()>,
     ) -> Result<ItemView> {
         let _writing = self.store.begin_write();
-        let id = self.resolve_item(reference)?;
+        let id = self.item_id(reference)?;
         let slot = self.slot(id);
         let mut guard = slot.lock();
-        let loaded = self
-            .ensure_loaded(id, &mut guard)?
-            .ok_or_else(|| RepoError::ItemNotFound(reference.to_string()))?;
+        let loaded = self.ensure_item(id, reference, &mut guard)?;
         let floor = loaded.max_hlc;
         let mut idoc = ItemDoc::new(&mut loaded.doc);
         let mut stamped = None;

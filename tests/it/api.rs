@@ -178,7 +178,7 @@ async fn schema_grows_and_policy_changes() {
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     let n = TestNode::start().await;
-    n.cases_tracker().await;
+    let tracker = n.cases_tracker().await;
     let (_, item) = n
         .post(
             "/api/v1/trackers/cases/items",
@@ -187,6 +187,8 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         .await;
     let id = item["id"].as_str().expect("id").to_string();
     let item_path = format!("/api/v1/items/{id}");
+    // A stored document that is not an item.
+    let tracker_as_item = format!("/api/v1/items/{}", tracker["id"].as_str().expect("id"));
 
     let cases: Vec<(Method, String, Option<serde_json::Value>, u16, &str)> = vec![
         (
@@ -207,6 +209,20 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             Method::GET,
             "/api/v1/items/not-an-item".into(),
             None,
+            404,
+            "item_not_found",
+        ),
+        (
+            Method::GET,
+            tracker_as_item.clone(),
+            None,
+            404,
+            "item_not_found",
+        ),
+        (
+            Method::PATCH,
+            tracker_as_item.clone(),
+            Some(json!({"fields": {"name": "x"}})),
             404,
             "item_not_found",
         ),
