@@ -274,9 +274,8 @@ async fn start(lab: &Lab, i: usize, dir: &std::path::Path) -> TestNode {
         "TRACKERSYNC_NO_FAKETIME=1".into()
     };
     let faketime = format!("FAKETIME={}", lab.skew[i]);
-    // The soak gives its nodes a memory budget its warm-up reaches (500 items edited for 30
-    // minutes grow past the default's 64 MiB of documents only near the end), so what it
-    // samples afterwards is the steady state, not a cache still filling up.
+    // The soak gives its nodes a small memory budget, so documents are evicted and read back
+    // all along and what it samples after warm-up is not a cache still filling up.
     let cache = (env("TRACKERSYNC_SOAK_SECS", 0) > 0)
         .then(|| env("TRACKERSYNC_SOAK_CACHE_MB", 32).to_string());
     let extra: Vec<&str> = cache
