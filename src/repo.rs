@@ -612,15 +612,6 @@ impl Repo {
 
     // ---- items ------------------------------------------------------------------------------
 
-    /// An item id from a UUID or a display id, checked against the store.
-    fn resolve_item(&self, reference: &str) -> Result<Uuid> {
-        let id = self.item_id(reference)?;
-        match self.store.doc_meta(id)? {
-            Some(m) if m.kind == DocKind::Item => Ok(id),
-            _ => Err(RepoError::ItemNotFound(reference.to_string())),
-        }
-    }
-
     pub fn create_item(&self, tracker_ref: &str, fields: Map<String, Json>) -> Result<ItemView> {
         let _writing = self.store.begin_write();
         let tracker = self.tracker(tracker_ref)?;
@@ -865,9 +856,9 @@ impl Repo {
     /// Mark the current losing values of an item's conflicts (one field, or all) reviewed.
     /// Returns how many fields' conflicts were acknowledged.
     pub fn ack_conflicts(&self, reference: &str, field: Option<&str>) -> Result<usize> {
-        let id = self.resolve_item(reference)?;
+        let id = self.item_id(reference)?;
         let conflicts: Vec<FieldConflict> = self
-            .item_conflicts(&id.to_string())?
+            .item_conflicts(reference)?
             .into_iter()
             .filter(|c| field.is_none_or(|f| c.field == f))
             .collect();
@@ -1042,15 +1033,10 @@ mod tests {
     use crate::hlc::{ManualClock, DEFAULT_MAX_DRIFT_MS};
     use crate::model::FieldType;
 
-    /// Concurrent API-style writes (applied on blocking threads, waited for as tasks): each is
-    /// durable when acknowledged and announced exactly once, whichever thread flushed it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn deferred_writes_are_durable_and_announced_once_when_acknowledged() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A repo in `dir` with one tracker, `t`, of one text field, `a`.
+    fn repo_with_tracker(dir: &Path) -> Repo {
         let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-        let repo = Arc::new(
-            Repo::open(dir.path(), NodeId::random(), clock, DEFAULT_MAX_DRIFT_MS).expect("open"),
-        );
+        let repo = Repo::open(dir, NodeId::random(), clock, DEFAULT_MAX_DRIFT_MS).expect("open");
         let field = FieldDef {
             name: "a".into(),
             ty: FieldType::Text,
@@ -1060,6 +1046,15 @@ mod tests {
         };
         repo.create_tracker("t", vec![field], ConflictPolicy::Newer)
             .expect("tracker");
+        repo
+    }
+
+    /// Concurrent API-style writes (applied on blocking threads, waited for as tasks): each is
+    /// durable when acknowledged and announced exactly once, whichever thread flushed it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_writes_are_durable_and_announced_once_when_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = Arc::new(repo_with_tracker(dir.path()));
         let mut events = repo.subscribe();
         let (writers, each) = (8, 25);
         let mut tasks = Vec::new();
@@ -1124,18 +1119,7 @@ mod tests {
     #[test]
     fn a_document_reads_the_same_whole_as_chunk_by_chunk_and_a_bad_chunk_keeps_the_rest() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-        let repo =
-            Repo::open(dir.path(), NodeId::random(), clock, DEFAULT_MAX_DRIFT_MS).expect("open");
-        let field = FieldDef {
-            name: "a".into(),
-            ty: FieldType::Text,
-            label: "a".into(),
-            required: false,
-            options: vec![],
-        };
-        repo.create_tracker("t", vec![field], ConflictPolicy::Newer)
-            .expect("tracker");
+        let repo = repo_with_tracker(dir.path());
         let fields = |v: &str| json!({ "a": v }).as_object().cloned().expect("map");
         let id = repo.create_item("t", fields("0")).expect("create").id;
         for v in ["1", "2", "3"] {
