@@ -14,11 +14,13 @@ async fn new_item(n: &TestNode, fields: Json) -> String {
     item["id"].as_str().expect("id").to_string()
 }
 
-async fn set(n: &TestNode, id: &str, fields: Json) {
+/// Write `fields` of item `id`; returns the write's stamp.
+async fn set(n: &TestNode, id: &str, fields: Json) -> String {
     let (s, e) = n
         .patch(&format!("/api/v1/items/{id}"), json!({ "fields": fields }))
         .await;
     assert_eq!(s, 200, "{e}");
+    e["updated"].as_str().expect("stamp").to_string()
 }
 
 /// One peer's entry in a node's status.
@@ -354,8 +356,8 @@ async fn damaged_bundles_are_refused_and_change_nothing() {
     assert_eq!(import(&b, &good).await["merged"].as_u64(), Some(4));
 }
 
-/// Concurrent edits carried by bundles resolve as over the network: the later write wins the
-/// contested field on both nodes, edits to different fields both survive, the loser is listed.
+/// Concurrent edits carried by bundles resolve as over the network: the higher-stamped write
+/// wins the contested field on both nodes, edits to different fields both survive, the loser is listed.
 #[tokio::test]
 async fn concurrent_edits_in_bundles_resolve_like_network_sync() {
     let (a, ids) = source().await;
@@ -366,9 +368,16 @@ async fn concurrent_edits_in_bundles_resolve_like_network_sync() {
     import(&b, &seed).await;
 
     let id = &ids[0];
-    set(&a, id, json!({"status": "closed", "age": 8})).await;
-    // B writes later (its clock has seen A's stamps through the bundle).
-    set(&b, id, json!({"status": "open", "village": "Mathare"})).await;
+    let stamp_a = set(&a, id, json!({"status": "closed", "age": 8})).await;
+    let stamp_b = set(&b, id, json!({"status": "open", "village": "Mathare"})).await;
+    // B writes second, but it has not seen A's write: within the same millisecond their
+    // stamps can tie on time and the node id decides. The contested field takes the value
+    // of the higher (HLC, node) stamp; stamps sort in that order as strings.
+    let (winner, loser) = if stamp_b > stamp_a {
+        ("open", "closed")
+    } else {
+        ("closed", "open")
+    };
 
     let fa = dir.path().join("a.tsb");
     let fb = dir.path().join("b.tsb");
@@ -386,7 +395,7 @@ async fn concurrent_edits_in_bundles_resolve_like_network_sync() {
             &ia["fields"]["age"],
             &ia["fields"]["village"]
         ),
-        (&json!("open"), &json!(8), &json!("Mathare")),
+        (&json!(winner), &json!(8), &json!("Mathare")),
         "{ia}"
     );
     for n in [&a, &b] {
@@ -395,7 +404,7 @@ async fn concurrent_edits_in_bundles_resolve_like_network_sync() {
             .as_array()
             .and_then(|c| c.iter().find(|c| c["field"] == "status"))
             .unwrap_or_else(|| panic!("status conflict listed: {conflicts}"));
-        assert_eq!(status["losers"][0]["value"], "closed", "{conflicts}");
+        assert_eq!(status["losers"][0]["value"], loser, "{conflicts}");
     }
 }
 

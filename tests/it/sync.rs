@@ -452,15 +452,22 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
     // The same field on both sides: neither holds all of the other's changes, so each side's
     // fetch by heads gets only heads back, and then the whole document.
     let both = &ids[20];
+    let mut stamped = Vec::new();
     for (node, age) in [(&a, 1000), (&b, 2000)] {
-        let (s, _) = node
+        let (s, item) = node
             .patch(
                 &format!("/api/v1/items/{both}"),
                 json!({"fields": {"age": age}}),
             )
             .await;
         assert_eq!(s, 200);
+        stamped.push((item["updated"].as_str().expect("stamp").to_string(), age));
     }
+    // The two nodes are apart, so b's write is not causally after a's: within the same
+    // millisecond their stamps can tie on time and the node id decides. The winner is the
+    // write with the highest (HLC, node); stamps sort in that order as strings.
+    stamped.sort();
+    let (loser, winner) = (stamped[0].1, stamped[1].1);
 
     let before = a.metric("trackersync_sync_bytes_sent").await;
     a.pair(&b).await;
@@ -469,16 +476,18 @@ async fn first_contact_reconciles_by_summaries_not_by_resending_everything() {
     }
     a.item_when(&ids[150], |i| i["fields"]["age"] == 99).await;
     a.item_when(&fresh, |_| true).await;
-    // The later write wins on both, and the earlier one is kept as a conflict.
+    // The higher-stamped write wins on both, and the other is kept as a conflict.
     for node in [&a, &b] {
         eventually("the same-field edits merged", || async {
             let (_, c) = node.get(&format!("/api/v1/items/{both}/conflicts")).await;
             let c = c.as_array()?.first()?.clone();
-            (c["field"] == "age" && c["winner"]["value"] == 2000 && c["losers"][0]["value"] == 1000)
+            (c["field"] == "age"
+                && c["winner"]["value"] == winner
+                && c["losers"][0]["value"] == loser)
                 .then_some(())
         })
         .await;
-        node.item_when(both, |i| i["fields"]["age"] == 2000).await;
+        node.item_when(both, |i| i["fields"]["age"] == winner).await;
     }
     let (_, st) = a.get("/api/v1/status").await;
     assert_eq!(st["items"].as_u64(), Some(201));
